@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Each prepares the
+# machine first (scripts/setup.sh), so they work on a fresh checkout.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-quick lint bench clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/walsaga demo $(DEMO_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# Lint, types, then the whole suite (slow tests included).
+test: lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The quick part only: unit tests and the fast integration tests.
+test-quick: setup
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/capture.py
+	$(PY) bench/relay.py
+	$(PY) bench/saga.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .walsaga

