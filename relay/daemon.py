@@ -1,0 +1,135 @@
+"""The relay process: one stream per source, health and metrics, clean shutdown.
+
+Each source streams in a thread of its own with its own producer, so a slow
+or broken source does not hold the others. SIGTERM and SIGINT stop reading,
+wait for Kafka to acknowledge what is in flight, confirm it, and exit 0. A
+source that cannot run at all (wrong wal_level, lost slot) stops the process
+with a non-zero status, so a supervisor notices.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from relay.config import RelayConfig
+from relay.errors import SetupError, SlotLostError
+from relay.metrics import RelayMetrics, serve_http
+from relay.stream import SourceStream
+from relay.wal2json import format_lsn
+
+log = structlog.get_logger("walsaga.relay")
+
+EXIT_OK = 0
+EXIT_SETUP = 2
+EXIT_SLOT_LOST = 3
+
+
+class Relay:
+    """Runs every source of a :class:`RelayConfig` until stopped."""
+
+    def __init__(self, config: RelayConfig, *, metrics: RelayMetrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or RelayMetrics()
+        self.stop_event = threading.Event()
+        self.streams = [
+            SourceStream(source, config, self.metrics, self.stop_event) for source in config.source
+        ]
+        self._threads: list[threading.Thread] = []
+        self._failures: list[BaseException] = []
+        self.http_port: int | None = None
+        self._server: Any = None
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        sources = {}
+        ok = True
+        for stream in self.streams:
+            st = stream.status
+            p50, p99 = stream.latencies.percentiles(0.5, 0.99)
+            sources[stream.source.name] = {
+                "state": st.state,
+                "detail": st.detail,
+                "since": st.since,
+                "slot": stream.source.slot_name,
+                "confirmed_lsn": format_lsn(st.confirmed_lsn),
+                "slot_lag_bytes": st.slot_lag_bytes,
+                "events_published": st.events_published,
+                "commit_to_ack_ms": {
+                    "p50": None if p50 is None else round(p50 * 1000, 2),
+                    "p99": None if p99 is None else round(p99 * 1000, 2),
+                },
+            }
+            if st.state not in ("streaming", "standby", "starting"):
+                ok = False
+        return ok, {"status": "ok" if ok else "degraded", "sources": sources}
+
+    def start(self) -> None:
+        port = self.config.relay.http_port
+        if port is not None:
+            self._server, _ = serve_http(
+                self.config.relay.http_host, port, self.metrics.registry, self.health
+            )
+            self.http_port = self._server.server_port
+            log.info("serving /healthz and /metrics", port=self.http_port)
+        for stream in self.streams:
+            thread = threading.Thread(
+                target=self._run_stream, args=(stream,), name=f"source-{stream.source.name}"
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _run_stream(self, stream: SourceStream) -> None:
+        try:
+            stream.run()
+        except BaseException as e:
+            self._failures.append(e)
+            self.stop_event.set()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def wait(self) -> int:
+        """Block until every stream has ended; return the process exit status."""
+        while any(t.is_alive() for t in self._threads):
+            for thread in self._threads:
+                thread.join(timeout=0.2)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        for failure in self._failures:
+            if isinstance(failure, SlotLostError):
+                return EXIT_SLOT_LOST
+        return EXIT_SETUP if self._failures else EXIT_OK
+
+    @property
+    def failures(self) -> list[BaseException]:
+        return list(self._failures)
+
+
+def run(config: RelayConfig) -> int:
+    """Run the relay in the foreground until SIGTERM/SIGINT; return the exit status."""
+    relay = Relay(config)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("stopping", signal=signal.Signals(signum).name)
+        relay.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    relay.start()
+    while not relay.stop_event.wait(0.5):
+        pass
+    started = time.monotonic()
+    status = relay.wait()
+    for failure in relay.failures:
+        kind = "slot lost" if isinstance(failure, SlotLostError) else "cannot run"
+        if not isinstance(failure, SetupError | SlotLostError):
+            kind = "crashed"
+        log.error(f"relay stopped: {kind}", error=str(failure))
+    log.info("relay exited", status=status, shutdown_s=round(time.monotonic() - started, 3))
+    return status

@@ -1,0 +1,176 @@
+"""Decode wal2json (format-version 2) messages into outbox events. Pure: no I/O.
+
+The relay asks wal2json for inserts into ``walsaga.outbox`` and for logical
+messages with the prefixes ``walsaga`` (table-less events) and
+``walsaga.heartbeat`` (position-only). Transaction begin/commit records are
+not requested: each change carries its xid and commit timestamp, and the
+positions the relay confirms are change positions (see :mod:`relay.window`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+EVENT_PREFIX = "walsaga"
+HEARTBEAT_PREFIX = "walsaga.heartbeat"
+
+#: Options of START_REPLICATION for the wal2json plugin.
+PLUGIN_OPTIONS: dict[str, str] = {
+    "format-version": "2",
+    "include-transaction": "0",
+    "include-xids": "1",
+    "include-timestamp": "1",
+    "include-types": "0",
+    "add-tables": "walsaga.outbox",
+    "actions": "insert",
+    "add-msg-prefixes": f"{EVENT_PREFIX},{HEARTBEAT_PREFIX}",
+}
+
+_EVENT_FIELDS = ("id", "aggregatetype", "aggregateid", "type")
+
+
+class DecodeError(ValueError):
+    """A message that should be an event but cannot be read as one."""
+
+
+class OutboxEvent:
+    """One event to publish, as read from the WAL."""
+
+    __slots__ = ("aggregateid", "aggregatetype", "commit_time", "headers", "id", "payload", "type",
+                 "xid")  # fmt: skip
+
+    def __init__(
+        self,
+        id: str,
+        aggregatetype: str,
+        aggregateid: str,
+        type: str,
+        payload: bytes,
+        headers: dict[str, Any] | None,
+        xid: int | None,
+        commit_time: str | None,
+    ) -> None:
+        self.id = id
+        self.aggregatetype = aggregatetype
+        self.aggregateid = aggregateid
+        self.type = type
+        self.payload = payload  # JSON text, published as is
+        self.headers = headers
+        self.xid = xid
+        self.commit_time = commit_time  # as wal2json prints it; see CommitTimes
+
+    def __repr__(self) -> str:
+        return f"OutboxEvent(id={self.id!r}, type={self.type!r}, aggregateid={self.aggregateid!r})"
+
+
+class Heartbeat:
+    """A position-only message: nothing to publish, but the slot may move past it."""
+
+    __slots__ = ()
+
+
+HEARTBEAT = Heartbeat()
+
+
+def decode(data: bytes | memoryview) -> OutboxEvent | Heartbeat | None:
+    """Read one wal2json message.
+
+    Returns the event, :data:`HEARTBEAT`, or None for anything the relay does not
+    publish (another table, another prefix). Raises :class:`DecodeError` for a
+    message that claims to be an event but is malformed.
+    """
+    try:
+        msg = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise DecodeError(f"not JSON: {bytes(data[:200])!r}") from e
+    action = msg.get("action")
+    if action == "I":
+        if msg.get("schema") != "walsaga" or msg.get("table") != "outbox":
+            return None
+        row = {c["name"]: c["value"] for c in msg["columns"]}
+        return _event_from_row(row, msg.get("xid"), msg.get("timestamp"))
+    if action == "M":
+        prefix = msg.get("prefix")
+        if prefix == EVENT_PREFIX:
+            return _event_from_message(msg)
+        if prefix == HEARTBEAT_PREFIX:
+            return HEARTBEAT
+    return None
+
+
+def _event_from_row(row: dict[str, Any], xid: int | None, ts: str | None) -> OutboxEvent:
+    try:
+        headers_text = row.get("headers")
+        headers = None
+        if headers_text and headers_text != "{}":
+            headers = orjson.loads(headers_text)
+        payload = row["payload"]
+        return OutboxEvent(
+            row["id"],
+            row["aggregatetype"],
+            row["aggregateid"],
+            row["type"],
+            payload.encode() if payload is not None else b"null",
+            headers,
+            xid,
+            ts,
+        )
+    except (KeyError, AttributeError, orjson.JSONDecodeError) as e:
+        raise DecodeError(f"outbox row without a usable {e}: {row!r}"[:500]) from e
+
+
+def _event_from_message(msg: dict[str, Any]) -> OutboxEvent:
+    try:
+        body = orjson.loads(msg["content"])
+        missing = [f for f in _EVENT_FIELDS if not isinstance(body.get(f), str)]
+        if missing:
+            raise DecodeError(f"walsaga message without {', '.join(missing)}: {body!r}"[:500])
+        headers = body.get("headers") or None
+        if headers is not None and not isinstance(headers, dict):
+            raise DecodeError(f"walsaga message headers must be an object: {headers!r}"[:500])
+        return OutboxEvent(
+            body["id"],
+            body["aggregatetype"],
+            body["aggregateid"],
+            body["type"],
+            orjson.dumps(body.get("payload")),
+            headers,
+            msg.get("xid"),
+            msg.get("timestamp"),
+        )
+    except (KeyError, orjson.JSONDecodeError, AttributeError) as e:
+        raise DecodeError(f"unreadable walsaga message: {msg.get('content')!r}"[:500]) from e
+
+
+class CommitTimes:
+    """Turns wal2json timestamps ('2026-11-22 00:07:53.80986+00') into epoch seconds.
+
+    Events of one transaction share their timestamp, so the last parse is kept.
+    """
+
+    __slots__ = ("_epoch", "_text")
+
+    def __init__(self) -> None:
+        self._text: str | None = None
+        self._epoch = 0.0
+
+    def epoch(self, commit_time: str) -> float:
+        if commit_time != self._text:
+            self._epoch = datetime.fromisoformat(commit_time).timestamp()
+            self._text = commit_time
+        return self._epoch
+
+
+def format_lsn(lsn: int) -> str:
+    """Postgres's notation of a WAL position: '16/B374D848'."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+def parse_lsn(text: str) -> int:
+    high, _, low = text.partition("/")
+    if not low:
+        raise ValueError(f"not an LSN: {text!r}")
+    return (int(high, 16) << 32) | int(low, 16)

@@ -1,0 +1,123 @@
+"""Which WAL position the relay may confirm to its slot. Pure: no I/O.
+
+Delivery guarantee (at-least-once) is decided here. Every message read from
+the slot gets a place in arrival order. Events wait for Kafka's
+acknowledgement; position-only messages (heartbeats, other tables) need none.
+The confirmable position is the highest position such that every message that
+arrived before it has been acknowledged. Kafka acknowledges out of order
+across partitions, so acknowledgements are counted per group of consecutive
+messages and groups are retired strictly in order.
+
+Positions are change positions, not commit positions: confirming a position
+inside a transaction is safe, because Postgres re-decodes every transaction
+whose commit record lies after the confirmed position. After a crash the
+transaction that was being published is sent again in full; nothing earlier
+is, and nothing is skipped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+
+class DeliveryError(Exception):
+    """Kafka refused an event for good; the stream restarts from the slot."""
+
+
+class Group:
+    """Consecutive messages whose acknowledgements are counted together."""
+
+    __slots__ = ("error", "first_commit", "lsn", "pending", "size")
+
+    def __init__(self, lsn: int) -> None:
+        self.lsn = lsn
+        self.pending = 0
+        self.size = 0
+        self.error: Any = None
+        self.first_commit = 0.0
+
+    def ack(self, err: Any, msg: Any) -> None:
+        """confluent-kafka delivery callback for every event of this group."""
+        self.pending -= 1
+        if err is not None and self.error is None:
+            self.error = err
+
+
+class AckWindow:
+    """In-flight events, in arrival order, and the position that may be confirmed."""
+
+    def __init__(
+        self,
+        confirmed_lsn: int,
+        *,
+        max_group: int = 256,
+        on_retired: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.confirmable = confirmed_lsn
+        self._groups: deque[Group] = deque()
+        self._open: Group | None = None
+        self._max_group = max_group
+        self._on_retired = on_retired
+
+    def __len__(self) -> int:
+        """Groups not yet retired."""
+        return len(self._groups)
+
+    def event(self, lsn: int, commit_epoch: float) -> Group:
+        """Register an event at `lsn`; pass the result's ``ack`` as its delivery callback."""
+        group = self._open
+        if group is None or group.size >= self._max_group:
+            group = self._open = Group(lsn)
+            group.first_commit = commit_epoch
+            self._groups.append(group)
+        elif lsn > group.lsn:
+            group.lsn = lsn
+        group.pending += 1
+        group.size += 1
+        return group
+
+    def position(self, lsn: int) -> None:
+        """Register a message that needs no acknowledgement (heartbeat, filtered change)."""
+        if not self._groups:
+            if lsn > self.confirmable:
+                self.confirmable = lsn
+            return
+        group = self._groups[-1]
+        if lsn > group.lsn:
+            group.lsn = lsn
+
+    def keepalive(self, wal_end: int) -> None:
+        """The server has sent everything before `wal_end`; confirmable if nothing is in flight."""
+        if not self._groups and wal_end > self.confirmable:
+            self.confirmable = wal_end
+
+    def seal(self) -> None:
+        """Start a new group with the next event (called once per read batch)."""
+        self._open = None
+
+    def advance(self) -> int:
+        """Retire fully acknowledged groups from the front; return the confirmable position."""
+        groups = self._groups
+        while groups:
+            head = groups[0]
+            if head.error is not None:
+                raise DeliveryError(str(head.error))
+            if head.pending:
+                break
+            groups.popleft()
+            if head is self._open:
+                self._open = None
+            if head.lsn > self.confirmable:
+                self.confirmable = head.lsn
+            if self._on_retired is not None and head.size:
+                self._on_retired(head.size, head.first_commit)
+        return self.confirmable
+
+    def oldest_commit(self) -> float | None:
+        """Commit time of the oldest event still waiting for Kafka, if any."""
+        for group in self._groups:
+            if group.size:
+                return group.first_commit
+        return None
