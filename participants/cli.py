@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import click
 
+from relay.cli import deploy
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="walsaga")
 def main() -> None:
     """Sagas across Postgres-backed services: capture, relay, participants."""
+
+
+main.add_command(deploy)
