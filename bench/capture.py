@@ -20,11 +20,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-import psycopg
+# Run as a script, this file's folder comes first on sys.path, and
+# bench/relay.py would shadow the relay package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from participants.embedded import LocalPostgres, postgres_bindir
-from relay import deploy
-from relay.capture import load_spec
+import psycopg  # noqa: E402
+
+from participants.embedded import LocalPostgres, postgres_bindir  # noqa: E402
+from relay import deploy  # noqa: E402
+from relay.capture import load_spec  # noqa: E402
 
 LEGACY_TABLE = """
 CREATE TABLE orders (

@@ -273,31 +273,34 @@ def function_sql(capture: Capture) -> str:
 
     Kept to one INSERT: the trigger runs inside every captured write, so each
     call or cast here is paid once per row of the legacy table.
+
+    SECURITY DEFINER: the roles that write a legacy table need no privilege on
+    schema walsaga. So that the caller's search_path cannot put its own
+    functions in the owner's place, every name in the body is schema-qualified
+    (cheaper per call than a ``SET search_path`` clause).
     """
     entry, row = capture.entry, sql.SQL(capture.row)
 
     def field(column: str) -> sql.Composable:
         return sql.SQL("{}.{}").format(row, sql.Identifier(column))
 
+    def as_text(column: str) -> sql.Composable:
+        return sql.SQL("{}::pg_catalog.text").format(field(column))
+
     if entry.payload is None:
-        payload: sql.Composable = sql.SQL("to_jsonb({})").format(row)
+        payload: sql.Composable = sql.SQL("pg_catalog.to_jsonb({})").format(row)
     else:
         payload = _jsonb_object((c, field(c)) for c in entry.payload)
     columns = [sql.SQL("aggregatetype, aggregateid, type, payload")]
     values = [
         sql.Literal(entry.aggregate_type),
-        sql.SQL("{}::text").format(field(entry.aggregate_id)),
+        as_text(entry.aggregate_id),
         sql.Literal(entry.event),
         payload,
     ]
     if entry.headers:
         columns.append(sql.SQL("headers"))
-        values.append(
-            _jsonb_object(
-                (name, sql.SQL("{}::text").format(field(column)))
-                for name, column in entry.headers.items()
-            )
-        )
+        values.append(_jsonb_object((name, as_text(c)) for name, c in entry.headers.items()))
     body = _render(
         sql.SQL(
             "\nBEGIN\n"
@@ -306,21 +309,22 @@ def function_sql(capture: Capture) -> str:
             "    RETURN NULL;\n"
             "END\n"
         ).format(
-            columns=sql.SQL(", ").join(columns), values=sql.SQL(",\n            ").join(values)
+            columns=sql.SQL(", ").join(columns),
+            values=sql.SQL(",\n            ").join(values),
         )
     )
     tag = _dollar_tag(body)
     head = _render(
-        sql.SQL("CREATE FUNCTION {}() RETURNS trigger\nLANGUAGE plpgsql\nAS ").format(
-            capture.function_ident
-        )
+        sql.SQL(
+            "CREATE FUNCTION {}() RETURNS trigger\nLANGUAGE plpgsql SECURITY DEFINER\nAS "
+        ).format(capture.function_ident)
     )
     return f"{head}{tag}{body}{tag}"
 
 
 def _jsonb_object(pairs: Iterable[tuple[str, sql.Composable]]) -> sql.Composable:
     args = sql.SQL(", ").join(sql.SQL("{}, {}").format(sql.Literal(k), v) for k, v in pairs)
-    return sql.SQL("jsonb_build_object({})").format(args)
+    return sql.SQL("pg_catalog.jsonb_build_object({})").format(args)
 
 
 def _dollar_tag(body: str) -> str:
