@@ -4,7 +4,9 @@ Starts its own durable Postgres cluster (default settings) under /tmp, creates
 a legacy-style ``orders`` table, and alternates pgbench runs on that same
 table: plain, then with the trigger ``walsaga deploy`` installs from a spec
 (dropped again with ``--drop`` before the next plain run). Prints every run,
-the mean tps of each configuration and their ratio.
+the mean tps of each configuration and their ratio, and the median of the
+ratios of runs taken back to back (robust to load bursts from other processes
+on a shared machine).
 
     .venv/bin/python bench/capture.py [--clients 4] [--duration-s 10] [--rounds 3]
 """
@@ -91,7 +93,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration-s", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=3, help="plain/captured pairs measured")
+    parser.add_argument("--rounds", type=int, default=5, help="plain/captured pairs measured")
     parser.add_argument("--warmup-s", type=int, default=3)
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory")
     args = parser.parse_args()
@@ -132,14 +134,20 @@ def main() -> int:
                 results[captured].append(tps)
                 name = "captured" if captured else "plain"
                 print(f"round {i + 1} {name:>8}: {tps:10.1f} tps", flush=True)
+            print(f"round {i + 1}    ratio: {results[True][-1] / results[False][-1]:10.3f}")
 
         plain, captured = statistics.mean(results[False]), statistics.mean(results[True])
-        print(
-            f"\nsingle-row INSERT, {args.clients} clients, {args.rounds} x {args.duration_s}s each"
+        paired = statistics.median(
+            c / p for p, c in zip(results[False], results[True], strict=True)
         )
-        print(f"plain table:    {plain:10.1f} tps")
-        print(f"with capture:   {captured:10.1f} tps")
-        print(f"ratio:          {captured / plain:10.3f}  (target >= 0.85)")
+        print(
+            f"\nsingle-row INSERT transactions, pgbench -M prepared, {args.clients} clients, "
+            f"{args.rounds} x {args.duration_s} s per configuration"
+        )
+        print(f"plain table:            {plain:10.1f} tps (mean)")
+        print(f"with capture:           {captured:10.1f} tps (mean)")
+        print(f"ratio of the means:     {captured / plain:10.3f}")
+        print(f"median paired ratio:    {paired:10.3f}  (target >= 0.85)")
     finally:
         cluster.stop()
         if not args.keep:
