@@ -147,7 +147,8 @@ def replay(
     first = last = None
     for event, created_at in retained_events(conn, since=since, from_id=from_id):
         topic, headers = router.route(event, 0)
-        headers = [h for h in headers if h[0] != "lsn"] + [("walsaga.replay", "1")]
+        del headers["lsn"]
+        headers["walsaga.replay"] = "1"
         while True:
             try:
                 producer.produce(

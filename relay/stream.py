@@ -53,7 +53,7 @@ from relay.wal2json import (
     format_lsn,
     parse_lsn,
 )
-from relay.window import AckWindow, DeliveryError
+from relay.window import AckWindow, DeliveryError, Group
 
 log = structlog.get_logger("walsaga.relay")
 
@@ -64,7 +64,7 @@ _STATUS = struct.Struct(">cQQQQB")
 _W, _K = ord("w"), ord("k")
 
 #: Messages handled per read turn before serving acknowledgements and timers.
-_READ_BUDGET = 2000
+_READ_BUDGET = 5000
 #: Standby status updates go out at least this often, events or not.
 _STATUS_INTERVAL_S = 10.0
 #: Slot lag and invalidation are checked this often.
@@ -402,19 +402,22 @@ class _Session:
         )
         now = time.monotonic()
         self.last_feedback = now
-        self.last_event = now
+        self.last_data = now
+        self.route = stream.router.route
+        self.produce = producer.produce
         self.next_heartbeat = now + self.settings.heartbeat_interval_s
         self.next_upkeep = now + self.settings.cleanup_interval_s
         self.next_slot_check = now
         self.reply_requested = False
         self.published = 0
 
-    def _retired(self, count: int, first_commit: float) -> None:
-        latency = time.time() - first_commit
+    def _retired(self, group: Group) -> None:
+        latency = time.time() - group.first_commit
         self.stream._m_latency.observe(latency)
-        self.stream.latencies.add(latency, count)
-        self.stream._m_events.inc(count)
-        self.published += count
+        self.stream.latencies.add(latency, group.size)
+        self.stream._m_events.inc(group.size)
+        self.stream._m_bytes.inc(group.nbytes)
+        self.published += group.size
 
     def loop(self) -> None:
         stream = self.stream
@@ -462,34 +465,35 @@ class _Session:
         """Handle what the socket has, up to the budget; return how many messages."""
         pgconn = self.pgconn
         window = self.window
+        get_copy_data = pgconn.get_copy_data
+        unpack_lsn = _XLOGDATA.unpack_from
+        publish = self._publish
         try:
             pgconn.consume_input()
         except psycopg.OperationalError as e:
             raise TransientError(f"replication connection lost: {e}") from e
         n = 0
+        data_seen = False
         while n < _READ_BUDGET:
-            nbytes, data = pgconn.get_copy_data(1)
+            nbytes, data = get_copy_data(1)
             if nbytes == 0:
                 break
             if nbytes < 0:
                 self._stream_ended()
+            n += 1
             kind = data[0]
             if kind == _W:
-                lsn = _XLOGDATA.unpack_from(data, 1)[0]
+                data_seen = True
+                lsn = unpack_lsn(data, 1)[0]
                 try:
                     item = decode(data[25:])
                 except DecodeError as e:
-                    self.stream._error("decode", e)
-                    self.stream.log.error(
-                        "undecodable message skipped", lsn=format_lsn(lsn), error=str(e)
-                    )
-                    window.position(lsn)
-                    n += 1
+                    self._undecodable(lsn, e)
                     continue
                 if item is None or item is HEARTBEAT:
                     window.position(lsn)
                 else:
-                    self._publish(item, lsn)  # type: ignore[arg-type]
+                    publish(item, lsn)  # type: ignore[arg-type]
             elif kind == _K:
                 wal_end, _clock, reply = _KEEPALIVE.unpack_from(data, 1)
                 if wal_end > self.server_wal_end:
@@ -497,22 +501,29 @@ class _Session:
                 window.keepalive(wal_end)
                 if reply:
                     self.reply_requested = True
-            n += 1
-        if n:
+        if data_seen:
             window.seal()
+            self.last_data = time.monotonic()
         return n
 
+    def _undecodable(self, lsn: int, error: DecodeError) -> None:
+        # Not an event we can publish, and retrying cannot change that: say so
+        # loudly and move past it (the row, if any, stays in the outbox).
+        self.stream._error("decode", error)
+        self.stream.log.error("undecodable message skipped", lsn=format_lsn(lsn), error=str(error))
+        self.window.position(lsn)
+
     def _publish(self, event: OutboxEvent, lsn: int) -> None:
-        commit = self.commit_times.epoch(event.commit_time) if event.commit_time else time.time()
+        commit_time = event.commit_time
+        commit = self.commit_times.epoch(commit_time) if commit_time else time.time()
         group = self.window.event(lsn, commit)
-        topic, headers = self.stream.router.route(event, lsn)
+        topic, headers = self.route(event, lsn)
         value = event.payload
         key = event.aggregateid
-        self.last_event = time.monotonic()
+        group.nbytes += len(value) + len(key)
         while True:
             try:
-                self.producer.produce(topic, value, key, headers=headers, on_delivery=group.ack)
-                self.stream._m_bytes.inc(len(value) + len(key))
+                self.produce(topic, value, key, headers=headers, on_delivery=group.ack)
                 return
             except BufferError:
                 self._backpressure()
@@ -560,7 +571,7 @@ class _Session:
                 self._check_slot()
             if now >= self.next_heartbeat:
                 self.next_heartbeat = now + self.settings.heartbeat_interval_s
-                if now - self.last_event >= self.settings.heartbeat_interval_s:
+                if now - self.last_data >= self.settings.heartbeat_interval_s:
                     self.conn.execute(
                         "SELECT pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,)
                     )

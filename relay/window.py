@@ -29,12 +29,13 @@ class DeliveryError(Exception):
 class Group:
     """Consecutive messages whose acknowledgements are counted together."""
 
-    __slots__ = ("error", "first_commit", "lsn", "pending", "size")
+    __slots__ = ("error", "first_commit", "lsn", "nbytes", "pending", "size")
 
     def __init__(self, lsn: int) -> None:
         self.lsn = lsn
         self.pending = 0
         self.size = 0
+        self.nbytes = 0
         self.error: Any = None
         self.first_commit = 0.0
 
@@ -53,7 +54,7 @@ class AckWindow:
         confirmed_lsn: int,
         *,
         max_group: int = 256,
-        on_retired: Callable[[int, float], None] | None = None,
+        on_retired: Callable[[Group], None] | None = None,
     ) -> None:
         self.confirmable = confirmed_lsn
         self._groups: deque[Group] = deque()
@@ -112,7 +113,7 @@ class AckWindow:
             if head.lsn > self.confirmable:
                 self.confirmable = head.lsn
             if self._on_retired is not None and head.size:
-                self._on_retired(head.size, head.first_commit)
+                self._on_retired(head)
         return self.confirmable
 
     def oldest_commit(self) -> float | None:
