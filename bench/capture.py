@@ -142,12 +142,15 @@ def main() -> int:
             # The schema is there in both configurations; only the trigger differs.
             deploy.deploy(conn)
 
-        def run(captured: bool, duration_s: int) -> float:
+        def configure(captured: bool) -> None:
             with psycopg.connect(dsn) as conn:
                 if captured:
                     deploy.deploy(conn, spec)
                 else:
                     deploy.drop(conn, spec)
+
+        def run(captured: bool, duration_s: int) -> float:
+            configure(captured)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("CHECKPOINT")
             return pgbench(cluster, script, clients=args.clients, duration_s=duration_s)
@@ -157,7 +160,8 @@ def main() -> int:
         cpu: dict[bool, list[float]] = {False: [], True: []}
         results: dict[bool, list[float]] = {False: [], True: []}
         for i in range(args.rounds):
-            # Alternate which goes first, so a drift over time hits both alike.
+            # Alternate which goes first, so a drift over time, and the
+            # autovacuum work a run leaves to the next, hit both alike.
             for captured in (False, True) if i % 2 == 0 else (True, False):
                 tps = run(captured, args.duration_s)
                 results[captured].append(tps)
@@ -165,11 +169,7 @@ def main() -> int:
                 print(f"round {i + 1} {name:>8}: {tps:10.1f} tps", flush=True)
             print(f"round {i + 1}    ratio: {results[True][-1] / results[False][-1]:10.3f}")
         for captured in (False, True, False, True, False, True):
-            with psycopg.connect(dsn) as conn:
-                if captured:
-                    deploy.deploy(conn, spec)
-                else:
-                    deploy.drop(conn, spec)
+            configure(captured)
             cpu[captured].append(backend_cpu_us(dsn, inserts=5000))
 
         plain, captured = statistics.mean(results[False]), statistics.mean(results[True])
