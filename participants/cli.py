@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from relay.cli import deploy
+from relay.cli import deploy, relay
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,3 +14,4 @@ def main() -> None:
 
 
 main.add_command(deploy)
+main.add_command(relay)

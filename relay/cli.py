@@ -1,17 +1,23 @@
-"""``walsaga deploy``: install or upgrade the capture layer of one service database."""
+"""The relay package's commands: ``walsaga deploy`` (install or upgrade the capture
+layer of one service database) and ``walsaga relay`` (run, replay, reset-slot)."""
 
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 
 import click
 import psycopg
+from confluent_kafka import Producer
 
+from relay import daemon, logs, outbox
 from relay import deploy as deploying
 from relay.capture import CaptureSpec, load_spec
+from relay.config import RelayConfig, SourceConfig, load_relay_config
 from relay.deploy import DeployReport, RelayRole
 from relay.errors import ConfigError, WalsagaError, from_psycopg
+from relay.routing import Router
 
 # Exit status for every error walsaga reports itself (bad spec, unreachable
 # database...), the same as click's for a bad command line.
@@ -122,3 +128,128 @@ def _print(report: DeployReport, *, drop: bool) -> None:
 
 def _would(action: str) -> str:
     return action if action == "unchanged" else f"would be {action}"
+
+
+# -- walsaga relay ----------------------------------------------------------
+
+_CONFIG = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="WALSAGA_RELAY_CONFIG",
+    help="relay.toml; every key can also come from WALSAGA_* variables (env WALSAGA_RELAY_CONFIG).",
+)
+
+
+_TIME_FORMATS = [
+    "%Y-%m-%d",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%d %H:%M:%S%z",
+    "%Y-%m-%d %H:%M:%S.%f%z",
+    "%Y-%m-%dT%H:%M:%S%z",
+]
+
+
+def _load_relay_config(path: Path | None) -> RelayConfig:
+    try:
+        return load_relay_config(path)
+    except WalsagaError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(EXIT_ERROR) from None
+
+
+def _source(config: RelayConfig, name: str | None) -> SourceConfig:
+    if name is None:
+        if len(config.source) == 1:
+            return config.source[0]
+        names = ", ".join(s.name for s in config.source)
+        raise click.UsageError(f"--source is required: the config has several ({names})")
+    for source in config.source:
+        if source.name == name:
+            return source
+    raise click.UsageError(f"no source named {name!r} in the config")
+
+
+@click.group(invoke_without_command=True)
+@_CONFIG
+@click.pass_context
+def relay(ctx: click.Context, config_path: Path | None) -> None:
+    """Tail each source's WAL and publish its outbox events to Kafka (runs until SIGTERM)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    config = _load_relay_config(config_path)
+    logs.configure(config.relay.log_level, config.relay.log_format)
+    raise SystemExit(daemon.run(config))
+
+
+@relay.command()
+@_CONFIG
+@click.option("--source", "source_name", help="Which [[source]] (optional when there is one).")
+@click.option(
+    "--since",
+    type=click.DateTime(_TIME_FORMATS),
+    help="Re-publish rows created at or after this time (local time unless an offset is given).",
+)
+@click.option("--from-id", help="Re-publish from this event id on (inclusive).")
+def replay(
+    config_path: Path | None, source_name: str | None, since: datetime | None, from_id: str | None
+) -> None:
+    """Re-publish retained outbox rows, e.g. after a lost slot. Consumers drop repeats by id."""
+    if (since is None) == (from_id is None):
+        raise click.UsageError("give exactly one of --since and --from-id")
+    config = _load_relay_config(config_path)
+    logs.configure(config.relay.log_level, config.relay.log_format)
+    source = _source(config, source_name)
+    if since is not None and since.tzinfo is None:
+        since = since.astimezone()
+    producer = Producer(config.producer_settings())
+    router = Router(config.template_for(source), source.name)
+    try:
+        with psycopg.connect(source.dsn) as conn:
+            report = outbox.replay(
+                conn,
+                producer,
+                router,
+                since=since,
+                from_id=from_id,
+                progress=lambda n: click.echo(f"  {n} events re-published", err=True),
+            )
+    except psycopg.Error as e:
+        click.echo(f"error: {from_psycopg(e, f'source {source.name!r}')}", err=True)
+        raise SystemExit(EXIT_ERROR) from None
+    except WalsagaError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(EXIT_ERROR) from None
+    span = ""
+    if report.first_created_at is not None:
+        span = f" (created {report.first_created_at} .. {report.last_created_at})"
+    click.echo(f"re-published {report.published} events from {source.name!r}{span}")
+
+
+@relay.command("reset-slot")
+@_CONFIG
+@click.option("--source", "source_name", help="Which [[source]] (optional when there is one).")
+def reset_slot(config_path: Path | None, source_name: str | None) -> None:
+    """Forget a lost slot so the relay creates a new one at the current WAL position.
+
+    Events written while no slot existed are not published by the new slot:
+    re-publish them first with `walsaga relay replay`.
+    """
+    config = _load_relay_config(config_path)
+    source = _source(config, source_name)
+    slot = source.slot_name
+    try:
+        with psycopg.connect(source.dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+            ).fetchone()
+            if row is not None and row[0]:
+                raise click.ClickException(f"slot {slot!r} is in use by a running relay")
+            if row is not None:
+                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            conn.execute("DELETE FROM walsaga.relay_slot WHERE slot_name = %s", (slot,))
+    except psycopg.Error as e:
+        click.echo(f"error: {from_psycopg(e, f'source {source.name!r}')}", err=True)
+        raise SystemExit(EXIT_ERROR) from None
+    click.echo(f"slot {slot!r} reset: the next `walsaga relay` creates it afresh")

@@ -71,6 +71,20 @@ _STATUS_INTERVAL_S = 10.0
 _SLOT_CHECK_INTERVAL_S = 2.0
 
 
+# Errors that a retry cannot fix: access rules (42: undefined objects, missing
+# privileges), authorization (28), no such database (3D).
+_SETUP_SQLSTATE_CLASSES = ("42", "28", "3D")
+
+
+def _refused_for_good(error: psycopg.Error) -> bool:
+    """A connection attempt that failed on the credentials or the database name."""
+    text = str(error)
+    return any(
+        marker in text
+        for marker in ("password authentication failed", "does not exist", "no pg_hba.conf entry")
+    )
+
+
 def _pg_now_us() -> int:
     return int(time.time() * 1_000_000) - _PG_EPOCH_OFFSET_US
 
@@ -222,12 +236,16 @@ class SourceStream:
         try:
             conn = psycopg.connect(self.source.dsn, autocommit=True, connect_timeout=10)
         except psycopg.Error as e:
+            if _refused_for_good(e):
+                raise SetupError(f"cannot connect to source {self.source.name!r}: {e}") from e
             raise from_psycopg(e, f"cannot connect to source {self.source.name!r}") from e
         with conn:
             try:
                 check_source(conn, self.source)
                 confirmed = ensure_slot(conn, self.source.slot_name, self.log)
             except psycopg.Error as e:
+                if (e.sqlstate or "").startswith(_SETUP_SQLSTATE_CLASSES):
+                    raise SetupError(f"source {self.source.name!r}: {e}") from e
                 raise from_psycopg(e, f"source {self.source.name!r}") from e
             producer = self._producer_ready()
             self._wait_for_broker(producer)
@@ -292,7 +310,8 @@ def check_source(conn: psycopg.Connection[Any], source: SourceConfig) -> None:
     row = conn.execute(
         """
         SELECT current_setting('wal_level'),
-               to_regclass('walsaga.outbox') IS NOT NULL,
+               EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                       WHERE n.nspname = 'walsaga' AND c.relname = 'outbox'),
                (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
                current_database(), current_user
         """
@@ -313,6 +332,23 @@ def check_source(conn: psycopg.Connection[Any], source: SourceConfig) -> None:
         raise SetupError(
             f"source {source.name!r}: role {user!r} lacks the REPLICATION attribute "
             "(ALTER ROLE ... REPLICATION, or use the role `walsaga deploy --relay-role` creates)"
+        )
+    missing = conn.execute(
+        """
+        SELECT array_remove(ARRAY[
+            CASE WHEN NOT has_schema_privilege('walsaga', 'USAGE')
+                 THEN 'USAGE on schema walsaga' END,
+            CASE WHEN NOT has_table_privilege('walsaga.outbox', 'SELECT, DELETE')
+                 THEN 'SELECT, DELETE on walsaga.outbox' END,
+            CASE WHEN NOT has_table_privilege('walsaga.relay_slot', 'SELECT, INSERT, UPDATE')
+                 THEN 'SELECT, INSERT, UPDATE on walsaga.relay_slot' END
+        ], NULL)
+        """
+    ).fetchone()
+    if missing and missing[0]:
+        raise SetupError(
+            f"source {source.name!r}: role {user!r} lacks {'; '.join(missing[0])} "
+            "(grant them, or use the role `walsaga deploy --relay-role` creates)"
         )
 
 
@@ -498,7 +534,7 @@ class _Session:
                 wal_end, _clock, reply = _KEEPALIVE.unpack_from(data, 1)
                 if wal_end > self.server_wal_end:
                     self.server_wal_end = wal_end
-                window.keepalive(wal_end)
+                window.position(wal_end)
                 if reply:
                     self.reply_requested = True
         if data_seen:
@@ -613,14 +649,25 @@ class _Session:
         )
 
     def _drain(self) -> None:
-        """Clean stop: no more reading; wait for Kafka, confirm, leave."""
+        """Clean stop: wait for Kafka, confirm, leave.
+
+        Events already read are still published. For a moment the loop goes on
+        reading, so that a server keepalive can confirm past the last commit
+        and a restart repeats nothing; under steady load it stops regardless.
+        """
         deadline = time.monotonic() + 30.0
         while len(self.producer) and time.monotonic() < deadline:
             self.producer.poll(0.05)
-        self.producer.poll(0)
-        with contextlib.suppress(DeliveryError):
-            self.window.advance()
-        with contextlib.suppress(TransientError):
+        settle_until = time.monotonic() + 0.5
+        with contextlib.suppress(TransientError, DeliveryError):
+            while time.monotonic() < settle_until:
+                self._feedback(time.monotonic())
+                time.sleep(0.01)
+                self._read()
+                self.producer.poll(0.01)
+                self.window.advance()
+                if not len(self.window) and self.window.confirmable >= self.server_wal_end:
+                    break
             self._feedback(time.monotonic())
         self.stream.status.events_published += self.published
         self.published = 0

@@ -80,7 +80,12 @@ class AckWindow:
         return group
 
     def position(self, lsn: int) -> None:
-        """Register a message that needs no acknowledgement (heartbeat, filtered change)."""
+        """Register a message that needs no acknowledgement.
+
+        Heartbeats, and keepalives: a keepalive's position is the end of what
+        the server has decoded, so every transaction committed before it has
+        been sent already, and one still open commits after it.
+        """
         if not self._groups:
             if lsn > self.confirmable:
                 self.confirmable = lsn
@@ -88,11 +93,6 @@ class AckWindow:
         group = self._groups[-1]
         if lsn > group.lsn:
             group.lsn = lsn
-
-    def keepalive(self, wal_end: int) -> None:
-        """The server has sent everything before `wal_end`; confirmable if nothing is in flight."""
-        if not self._groups and wal_end > self.confirmable:
-            self.confirmable = wal_end
 
     def seal(self) -> None:
         """Start a new group with the next event (called once per read batch)."""

@@ -1,0 +1,260 @@
+"""Helpers the integration tests share: relay processes, consumers, event writers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from participants.embedded import free_port
+
+WALSAGA = str(Path(sys.executable).parent / "walsaga")
+
+
+def wait_until(
+    predicate: Any, *, timeout_s: float, interval_s: float = 0.05, what: str = ""
+) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+        time.sleep(interval_s)
+
+
+def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 4) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names]
+    )
+    for future in futures.values():
+        with contextlib.suppress(Exception):  # already exists
+            future.result(30)
+
+
+def relay_toml(
+    path: Path,
+    *,
+    bootstrap: str,
+    sources: dict[str, str],
+    http_port: int | None = None,
+    relay: dict[str, Any] | None = None,
+    kafka: dict[str, Any] | None = None,
+) -> Path:
+    lines = ["[kafka]", f'"bootstrap.servers" = "{bootstrap}"']
+    for key, value in (kafka or {}).items():
+        lines.append(f'"{key}" = {json.dumps(value)}')
+    lines += ["", "[relay]", f"http_port = {http_port if http_port is not None else 0}"]
+    lines.append('http_host = "127.0.0.1"')
+    for key, value in (relay or {}).items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    for name, dsn in sources.items():
+        lines += ["", "[[source]]", f'name = "{name}"', f'dsn = "{dsn}"']
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class RelayProcess:
+    """`walsaga relay --config` in a subprocess, with its log captured to a file."""
+
+    config: Path
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    http_port: int = 0
+
+    @classmethod
+    def start(
+        cls, tmp: Path, *, bootstrap: str, sources: dict[str, str], name: str = "relay", **kw: Any
+    ) -> RelayProcess:
+        port = free_port()
+        config = relay_toml(
+            tmp / f"{name}.toml", bootstrap=bootstrap, sources=sources, http_port=port, **kw
+        )
+        rp = cls(config, tmp / f"{name}.log", http_port=port)
+        rp.launch()
+        return rp
+
+    def launch(self) -> None:
+        out = self.log.open("ab")
+        self.proc = subprocess.Popen(
+            [WALSAGA, "relay", "--config", str(self.config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+        )
+        out.close()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def health(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{self.http_port}/healthz", timeout=2
+            ) as resp:
+                return json.loads(resp.read())  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as e:
+            return json.loads(e.read())  # type: ignore[no-any-return]
+        except OSError:
+            return None
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2) as r:
+            return r.read().decode()
+
+    def state(self, source: str) -> str | None:
+        report = self.health()
+        if not report:
+            return None
+        return report["sources"].get(source, {}).get("state")  # type: ignore[no-any-return]
+
+    def wait_streaming(self, source: str, timeout_s: float = 30) -> None:
+        wait_until(
+            lambda: self.state(source) == "streaming",
+            timeout_s=timeout_s,
+            what=f"relay streaming {source}; log:\n{self.read_log()[-3000:]}",
+        )
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def wait_exit(self, timeout_s: float = 60) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout_s)
+
+    def __enter__(self) -> RelayProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+
+def consumer(bootstrap: str, topics: list[str], **extra: Any) -> Consumer:
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "fetch.wait.max.ms": 50,
+            **extra,
+        }
+    )
+    c.subscribe(topics)
+    return c
+
+
+def consume(
+    bootstrap: str, topics: list[str], *, until: Any, timeout_s: float = 60
+) -> list[Message]:
+    """Read `topics` from the start until ``until(records)`` is true or the time runs out."""
+    c = consumer(bootstrap, topics)
+    records: list[Message] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline and not until(records):
+            for msg in c.consume(5000, 0.2):
+                err = msg.error()
+                if err is None:
+                    records.append(msg)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    raise AssertionError(f"consumer error: {err}")
+    finally:
+        c.close()
+    return records
+
+
+def headers_of(msg: Message) -> dict[str, str]:
+    return {k: (v.decode() if v is not None else "") for k, v in (msg.headers() or [])}
+
+
+def write_events(
+    dsn: str,
+    count: int,
+    *,
+    aggregatetype: str = "order",
+    aggregates: int = 50,
+    per_txn: int = 10,
+    start: int = 0,
+) -> list[str]:
+    """Publish `count` events through walsaga.publish; return their ids in commit order.
+
+    Payload ``{"n": i, "agg": aggregate}`` numbers the events so per-aggregate
+    order can be checked.
+    """
+    ids: list[str] = []
+    with psycopg.connect(dsn) as conn:
+        for first in range(start, start + count, per_txn):
+            with conn.transaction():
+                for i in range(first, min(first + per_txn, start + count)):
+                    agg = f"a{i % aggregates}"
+                    row = conn.execute(
+                        "SELECT walsaga.publish(%s, %s, 'Counted', %s::jsonb, %s::jsonb)",
+                        (aggregatetype, agg, json.dumps({"n": i, "agg": agg}), '{"saga_id": "s"}'),
+                    ).fetchone()
+                    assert row is not None
+                    ids.append(str(row[0]))
+    return ids
+
+
+@contextlib.contextmanager
+def background_writer(dsn: str, **kw: Any) -> Iterator[list[str]]:
+    """Write events in a thread until the block ends; the list fills with their ids."""
+    import threading
+
+    ids: list[str] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        n = kw.pop("start", 0)
+        try:
+            while not stop.is_set():
+                ids.extend(write_events(dsn, 50, start=n, **kw))
+                n += 50
+                time.sleep(0.01)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield ids
+    finally:
+        stop.set()
+        thread.join(30)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,248 @@
+"""The relay's pure core: decoding, the acknowledgement window, routing, config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from relay.config import RelayConfig, load_relay_config
+from relay.errors import ConfigError
+from relay.routing import UNROUTABLE_TOPIC, Router
+from relay.wal2json import HEARTBEAT, CommitTimes, DecodeError, decode, format_lsn, parse_lsn
+from relay.window import AckWindow, DeliveryError
+
+
+def insert_message(**overrides: str) -> bytes:
+    row = {
+        "id": "0190c2a4-7b7e-7c1a-9f00-1234567890ab",
+        "aggregatetype": "order",
+        "aggregateid": "42",
+        "type": "OrderCreated",
+        "payload": '{"total": 10, "note": "a \\"quoted\\" word"}',
+        "headers": '{"saga_id": "s-1", "attempt": 2}',
+        "created_at": "2026-11-22 00:07:53.808812+00",
+        **overrides,
+    }
+    return orjson.dumps(
+        {
+            "action": "I",
+            "xid": 727,
+            "timestamp": "2026-11-22 00:07:53.80986+00",
+            "schema": "walsaga",
+            "table": "outbox",
+            "columns": [{"name": k, "value": v} for k, v in row.items()],
+        }
+    )
+
+
+def test_an_outbox_insert_decodes_to_an_event_with_its_payload_untouched() -> None:
+    event = decode(insert_message())
+    assert event is not None
+    assert event is not HEARTBEAT
+    assert (event.id, event.aggregatetype, event.aggregateid, event.type) == (  # type: ignore[union-attr]
+        "0190c2a4-7b7e-7c1a-9f00-1234567890ab",
+        "order",
+        "42",
+        "OrderCreated",
+    )
+    assert orjson.loads(event.payload) == {"total": 10, "note": 'a "quoted" word'}  # type: ignore[union-attr]
+    assert event.headers == {"saga_id": "s-1", "attempt": 2}  # type: ignore[union-attr]
+    assert event.xid == 727  # type: ignore[union-attr]
+
+
+def test_columns_in_another_order_still_decode() -> None:
+    msg = orjson.loads(insert_message())
+    msg["columns"].reverse()
+    event = decode(orjson.dumps(msg))
+    assert event is not None
+    assert event.aggregateid == "42"
+
+
+def test_a_table_less_message_decodes_and_a_heartbeat_is_position_only() -> None:
+    content = {
+        "id": "e1",
+        "aggregatetype": "trip",
+        "aggregateid": "7",
+        "type": "TripBooked",
+        "payload": {"a": 1},
+        "headers": {"saga_id": "t"},
+    }
+    msg = {"action": "M", "xid": 9, "transactional": True, "prefix": "walsaga",
+           "content": orjson.dumps(content).decode()}  # fmt: skip
+    event = decode(orjson.dumps(msg))
+    assert event is not None
+    assert event is not HEARTBEAT
+    assert orjson.loads(event.payload) == {"a": 1}  # type: ignore[union-attr]
+    beat = {"action": "M", "transactional": False, "prefix": "walsaga.heartbeat", "content": ""}
+    assert decode(orjson.dumps(beat)) is HEARTBEAT
+    other = {"action": "M", "transactional": True, "prefix": "someone-else", "content": "x"}
+    assert decode(orjson.dumps(other)) is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        orjson.dumps({"action": "M", "prefix": "walsaga", "content": '{"id": "x"}'}),
+        orjson.dumps({"action": "M", "prefix": "walsaga", "content": "{"}),
+    ],
+)
+def test_malformed_events_raise_decode_error(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(data)
+
+
+def test_lsn_notation_round_trips() -> None:
+    assert format_lsn(0x16B374D848) == "16/B374D848"
+    assert parse_lsn("16/B374D848") == 0x16B374D848
+    assert parse_lsn(format_lsn(123456789)) == 123456789
+
+
+def test_commit_times_parse_wal2json_timestamps() -> None:
+    times = CommitTimes()
+    assert times.epoch("1970-01-01 00:00:01.5+00") == 1.5
+    assert times.epoch("1970-01-01 01:00:00+01") == 0.0
+
+
+def test_window_confirms_only_past_events_acknowledged_with_everything_before() -> None:
+    window = AckWindow(100, max_group=1)
+    a = window.event(110, 0.0)
+    b = window.event(120, 0.0)
+    c = window.event(130, 0.0)
+    window.seal()
+    assert window.advance() == 100
+    c.ack(None, None)  # out of order: a later partition acknowledged first
+    assert window.advance() == 100
+    a.ack(None, None)
+    assert window.advance() == 110
+    b.ack(None, None)
+    assert window.advance() == 130
+
+
+def test_position_only_messages_wait_for_the_events_before_them() -> None:
+    window = AckWindow(100)
+    window.position(150)
+    assert window.advance() == 150
+    group = window.event(160, 0.0)
+    window.position(170)  # heartbeat after an unacknowledged event
+    window.position(500)  # keepalive
+    assert window.advance() == 150
+    group.ack(None, None)
+    assert window.advance() == 500
+
+
+def test_window_never_moves_backwards() -> None:
+    window = AckWindow(1000)
+    group = window.event(900, 0.0)  # an interleaved transaction's earlier change
+    group.ack(None, None)
+    assert window.advance() == 1000
+
+
+def test_a_delivery_error_stops_the_window() -> None:
+    window = AckWindow(0)
+    group = window.event(10, 0.0)
+    group.ack("Broker: Message size too large", None)
+    with pytest.raises(DeliveryError):
+        window.advance()
+
+
+def test_router_follows_the_contract() -> None:
+    event = decode(insert_message())
+    router = Router("outbox.event.{aggregatetype}", "customers")
+    topic, headers = router.route(event, 0x16B374D848)  # type: ignore[arg-type]
+    assert topic == "outbox.event.order"
+    assert headers == {
+        "id": "0190c2a4-7b7e-7c1a-9f00-1234567890ab",
+        "type": "OrderCreated",
+        "aggregatetype": "order",
+        "aggregateid": "42",
+        "source": "customers",
+        "lsn": "16/B374D848",
+        "xid": "727",
+        "saga_id": "s-1",
+        "attempt": b"2",
+    }
+
+
+def test_a_row_header_cannot_replace_a_standard_one() -> None:
+    event = decode(insert_message(headers='{"id": "forged", "saga_id": "s"}'))
+    _, headers = Router("{aggregatetype}", "src").route(event, 1)  # type: ignore[arg-type]
+    assert headers["id"] == "0190c2a4-7b7e-7c1a-9f00-1234567890ab"
+
+
+def test_an_illegal_topic_goes_to_the_unroutable_topic_with_its_name() -> None:
+    event = decode(insert_message(aggregatetype="bad topic/name"))
+    topic, headers = Router("{aggregatetype}", "src").route(event, 1)  # type: ignore[arg-type]
+    assert topic == UNROUTABLE_TOPIC
+    assert headers["walsaga.unroutable"] == "bad topic/name"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+[kafka]
+"bootstrap.servers" = "127.0.0.1:9092"
+[relay]
+http_port = 9200
+[[source]]
+name = "customers"
+dsn = "postgresql://relay@127.0.0.1/customers"
+"""
+
+
+def test_config_defaults_and_environment_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    config = load_relay_config(
+        path,
+        environ={
+            "WALSAGA_RELAY__HTTP_PORT": "9300",
+            "WALSAGA_KAFKA__BOOTSTRAP_SERVERS": "kafka:29092",
+            "WALSAGA_KAFKA__LINGER_MS": "5",
+            "WALSAGA_SOURCE__CUSTOMERS__DSN": "postgresql://relay:secret@db/customers",
+        },
+    )
+    assert config.relay.http_port == 9300
+    assert config.relay.topic_template == "{aggregatetype}"
+    assert config.kafka == {"bootstrap.servers": "kafka:29092", "linger.ms": 5}
+    assert config.source[0].dsn == "postgresql://relay:secret@db/customers"
+    assert config.source[0].slot_name == "walsaga_customers"
+    settings = config.producer_settings()
+    assert settings["enable.idempotence"] is True
+    assert settings["acks"] == "all"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (GOOD.replace("http_port = 9200", 'http_port = "high"'), "relay.http_port"),
+        (GOOD.replace("http_port = 9200", "htp_port = 1"), "relay.htp_port: unknown key"),
+        (GOOD.replace('"bootstrap.servers"', '"bootstrap"'), '"bootstrap.servers" is required'),
+        (GOOD + "[relay\n", "not valid TOML"),
+        (GOOD.replace('name = "customers"', 'name = "a b"'), "source['a b'].name"),
+        (GOOD + '\n[[source]]\nname = "customers"\ndsn = "x"\n', "share the name 'customers'"),
+        (GOOD.replace("[relay]", '[relay]\ntopic_template = "{table}"'), "unknown field"),
+    ],
+)
+def test_bad_config_names_the_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_relay_config(path, environ={})
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_acks_cannot_be_weakened(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace('"127.0.0.1:9092"', '"127.0.0.1:9092"\nacks = "1"'))
+    with pytest.raises(ConfigError, match="acks"):
+        load_relay_config(path, environ={})
+
+
+def test_a_config_needs_a_source() -> None:
+    with pytest.raises(Exception, match="source"):
+        RelayConfig.model_validate({"kafka": {"bootstrap.servers": "x"}})
