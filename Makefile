@@ -25,9 +25,9 @@ test-quick: setup
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: setup
-	$(PY) bench/capture.py
-	$(PY) bench/relay.py
-	$(PY) bench/saga.py
+	$(PY) bench/capture_bench.py
+	$(PY) bench/relay_bench.py
+	$(PY) bench/saga_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .walsaga

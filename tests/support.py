@@ -123,6 +123,13 @@ class RelayProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/metrics", timeout=2) as r:
             return r.read().decode()
 
+    def published(self, source: str) -> float:
+        """The relay's count of events Kafka acknowledged for `source`."""
+        for line in self.metrics().splitlines():
+            if line.startswith(f'walsaga_relay_events_published_total{{source="{source}"}} '):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
     def state(self, source: str) -> str | None:
         report = self.health()
         if not report:

@@ -114,9 +114,7 @@ def test_a_postgres_restart_mid_stream_loses_nothing(
         pg_server.cluster.restart()
         after = write_events(dsn, 500, aggregatetype=topic, start=500)
         expected = set(before + after)
-        records = consume(
-            broker, [topic], until=lambda r: set(ids_in(r)) >= expected, timeout_s=90
-        )
+        records = consume(broker, [topic], until=lambda r: set(ids_in(r)) >= expected, timeout_s=90)
         assert set(ids_in(records)) == expected
         relay.wait_streaming("orders", timeout_s=30)
         assert relay.terminate() == 0
@@ -134,23 +132,26 @@ def test_an_idle_outbox_on_a_busy_cluster_keeps_the_slot_moving(
         relay={"heartbeat_interval_s": 1.0},
     ) as relay:
         relay.wait_streaming("orders")
-        with psycopg.connect(walsaga_db, autocommit=True) as conn, psycopg.connect(
-            other, autocommit=True
-        ) as busy:
+        with (
+            psycopg.connect(walsaga_db, autocommit=True) as conn,
+            psycopg.connect(other, autocommit=True) as busy,
+        ):
             conn.execute("CREATE TABLE legacy (id serial PRIMARY KEY, body text)")
             busy.execute("CREATE TABLE noise (id serial PRIMARY KEY, body text)")
 
-            def retained() -> int:
+            def retained() -> tuple[int, int]:
+                """WAL not yet confirmed, and WAL the server keeps for the slot."""
                 row = conn.execute(
-                    "SELECT pg_current_wal_lsn() - confirmed_flush_lsn FROM pg_replication_slots "
+                    "SELECT pg_current_wal_lsn() - confirmed_flush_lsn, "
+                    "pg_current_wal_lsn() - restart_lsn FROM pg_replication_slots "
                     "WHERE slot_name = 'walsaga_orders'"
                 ).fetchone()
                 assert row is not None
-                return int(row[0])
+                return int(row[0]), int(row[1])
 
             written = 0
             lags = []
-            deadline = time.monotonic() + 12
+            deadline = time.monotonic() + 25
             while time.monotonic() < deadline:
                 # Writes in the same database (not the outbox) and in another one.
                 conn.execute("INSERT INTO legacy (body) SELECT repeat('x', 500) "
@@ -160,9 +161,14 @@ def test_an_idle_outbox_on_a_busy_cluster_keeps_the_slot_moving(
                 written += 2 * 2000 * 500
                 lags.append(retained())
                 time.sleep(0.2)
-        # The slot follows the WAL: what it holds back stays far below what was written.
-        assert written > 20_000_000
-        assert max(lags[len(lags) // 2 :]) < 8_000_000, lags
+        # The slot follows the WAL: what it holds back stays far below what was
+        # written. Postgres moves restart_lsn only at its running-transactions
+        # records (every 15 s), so the kept WAL is bounded by ~15 s of writes.
+        print("written", written, "lags", lags)
+        assert written > 100_000_000
+        late = lags[len(lags) // 2 :]
+        assert max(unconfirmed for unconfirmed, _ in late) < 5_000_000, lags
+        assert max(kept for _, kept in late) < written * 0.8, lags
         assert relay.terminate() == 0
 
 
@@ -209,15 +215,14 @@ def test_a_million_event_transaction_keeps_memory_bounded(
             conn.execute(
                 """
                 INSERT INTO walsaga.outbox (aggregatetype, aggregateid, type, payload)
-                SELECT %s, (i % 1000)::text, 'Bulk',
+                SELECT %s, (i %% 1000)::text, 'Bulk',
                        jsonb_build_object('n', i, 'pad', repeat('p', 100))
                 FROM generate_series(1, %s) AS i
                 """,
                 (topic, count),
             )
         wait_until(
-            lambda: f'walsaga_relay_events_published_total{{source="bulk"}} {float(count)}'
-            in relay.metrics(),
+            lambda: relay.published("bulk") >= count,
             timeout_s=300,
             interval_s=0.5,
             what="a million events published",

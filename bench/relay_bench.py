@@ -13,7 +13,7 @@ embedded broker:
    its /healthz after the run.
 3. memory: the relay's peak RSS (VmHWM) over both phases.
 
-    .venv/bin/python bench/relay.py [--events 200000] [--rate 5000] [--seconds 20]
+    .venv/bin/python bench/relay_bench.py [--events 200000] [--rate 5000] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ import urllib.request
 from pathlib import Path
 
 import psycopg
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from participants.embedded import EmbeddedBroker, LocalPostgres, free_port, postgres_bindir
 from relay import schema
@@ -95,11 +93,8 @@ slot = "{slot}"
 
 
 def start_relay(config: Path) -> subprocess.Popen[bytes]:
-    code = (
-        "import sys; from relay.config import load_relay_config; from relay.daemon import run; "
-        f"sys.exit(run(load_relay_config({str(config)!r})))"
-    )
-    return subprocess.Popen([sys.executable, "-c", code])
+    walsaga = Path(sys.executable).parent / "walsaga"
+    return subprocess.Popen([str(walsaga), "relay", "--config", str(config)])
 
 
 def metric(port: int, name: str) -> float:

@@ -11,7 +11,7 @@ configuration and their ratio, and the backend CPU time of one INSERT
 transaction with and without the trigger (which other load on the machine
 does not skew).
 
-    .venv/bin/python bench/capture.py [--clients 4] [--duration-s 10] [--rounds 3]
+    .venv/bin/python bench/capture_bench.py [--clients 4] [--duration-s 10] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -25,15 +25,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, and
-# bench/relay.py would shadow the relay package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import psycopg
 
-import psycopg  # noqa: E402
-
-from participants.embedded import LocalPostgres, postgres_bindir  # noqa: E402
-from relay import deploy  # noqa: E402
-from relay.capture import load_spec  # noqa: E402
+from participants.embedded import LocalPostgres, postgres_bindir
+from relay import deploy
+from relay.capture import load_spec
 
 LEGACY_TABLE = """
 CREATE TABLE orders (
