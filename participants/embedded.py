@@ -143,9 +143,17 @@ class LocalPostgres:
         if not (self.datadir / "PG_VERSION").exists():
             try:
                 self._cmd(
-                    str(bindir / "initdb"), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-                    "--no-instructions", "-D", str(self.datadir),
-                )  # fmt: skip
+                    str(bindir / "initdb"),
+                    "-A",
+                    "trust",
+                    "-U",
+                    "postgres",
+                    "-E",
+                    "UTF8",
+                    "--no-instructions",
+                    "-D",
+                    str(self.datadir),
+                )
             except subprocess.CalledProcessError as e:
                 raise SetupError(f"initdb failed in {self.datadir}: {e.stderr.strip()}") from e
         if not self.port:
@@ -166,9 +174,18 @@ class LocalPostgres:
         opts = " ".join(f"-c {k}={v}" for k, v in options.items())
         try:
             self._cmd(
-                str(bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
-                "-w", "-t", str(int(timeout_s)), "-o", opts, "start",
-            )  # fmt: skip
+                str(bindir / "pg_ctl"),
+                "-D",
+                str(self.datadir),
+                "-l",
+                str(self.logfile),
+                "-w",
+                "-t",
+                str(int(timeout_s)),
+                "-o",
+                opts,
+                "start",
+            )
         except subprocess.CalledProcessError as e:
             tail = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
             raise SetupError(f"postgres did not start on port {self.port}: {tail}") from e
@@ -178,9 +195,15 @@ class LocalPostgres:
         if not (self.datadir / "postmaster.pid").exists():
             return
         self._cmd(
-            str(postgres_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop",
+            str(postgres_bindir() / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-m",
+            mode,
+            "-w",
+            "stop",
             check=False,
-        )  # fmt: skip
+        )
 
     def restart(self) -> None:
         self.stop()

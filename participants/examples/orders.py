@@ -1,0 +1,226 @@
+"""The order service: orders that need the customer's credit, in two variants.
+
+- choreography: creating an order publishes ``OrderCreated``; the customer
+  service reserves credit or refuses, and this service approves or rejects
+  the order when it sees ``CreditReserved`` or a refusal;
+- orchestration: creating an order starts the ``create-order`` saga, which
+  sends ``ReserveCredit`` and ``ConfirmCredit`` to the customer service and
+  approves the order, or rejects it and releases the credit on failure.
+
+An order is ``PENDING`` until its saga ends: that state is the semantic lock
+other readers respect (a pending order's credit is not yet settled).
+Every change of an order's status is announced with ``NOTIFY walsaga_order``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+from typing import Any, Literal
+
+import orjson
+import psycopg
+
+from participants.handlers import HandlerContext, publish
+from participants.message import Message
+from participants.orchestrator import Orchestrator
+from participants.runtime import Participant
+from participants.saga import Command, SagaDefinition, Step
+from relay.errors import BusinessError
+
+Mode = Literal["choreography", "orchestration"]
+NOTIFY_CHANNEL = "walsaga_order"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS orders (
+    id          text          PRIMARY KEY,
+    customer_id text          NOT NULL,
+    total       numeric(12,2) NOT NULL CHECK (total > 0),
+    status      text          NOT NULL CHECK (status IN ('PENDING', 'APPROVED', 'REJECTED')),
+    reason      text,
+    webhook_url text,
+    created_at  timestamptz   NOT NULL DEFAULT now(),
+    updated_at  timestamptz   NOT NULL DEFAULT now()
+);
+"""
+
+ORDER_TOPIC = "order"
+CUSTOMER_TOPIC = "customer"
+CUSTOMER_COMMANDS = "customer-commands"
+
+REFUSALS = ("CreditLimitExceeded", "CreditReservationFailed", "CreditReservationExpired")
+
+
+def order_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "customer_id": row["customer_id"],
+        "total": float(row["total"]),
+        "status": row["status"],
+        "reason": row["reason"],
+    }
+
+
+def _notify(conn: psycopg.Connection[Any], order_id: str, status: str) -> None:
+    conn.execute(
+        "SELECT pg_notify(%s, %s)",
+        (NOTIFY_CHANNEL, orjson.dumps({"id": order_id, "status": status}).decode()),
+    )
+
+
+def create_order(
+    conn: psycopg.Connection[Any],
+    customer_id: str,
+    total: Decimal | float,
+    *,
+    mode: Mode,
+    orchestrator: Orchestrator | None = None,
+    webhook_url: str | None = None,
+    order_id: str | None = None,
+) -> str:
+    """Insert a PENDING order and start its saga, in the caller's transaction."""
+    order_id = order_id or str(uuid.uuid4())
+    conn.execute(
+        "INSERT INTO orders (id, customer_id, total, status, webhook_url) "
+        "VALUES (%s, %s, %s, 'PENDING', %s)",
+        (order_id, customer_id, total, webhook_url),
+    )
+    data = {"order_id": order_id, "customer_id": customer_id, "total": float(total)}
+    if mode == "choreography":
+        publish(conn, ORDER_TOPIC, order_id, "OrderCreated", data, {"saga_id": order_id})
+    else:
+        assert orchestrator is not None, "the orchestration variant needs its orchestrator"
+        orchestrator.start(conn, CREATE_ORDER, order_id, data)
+    return order_id
+
+
+def _settle(
+    conn: psycopg.Connection[Any], order_id: str, status: str, reason: str | None = None
+) -> bool:
+    """Move a PENDING order to `status`; False when it was settled already."""
+    row = conn.execute(
+        "UPDATE orders SET status = %s, reason = %s, updated_at = now() "
+        "WHERE id = %s AND status = 'PENDING' RETURNING id",
+        (status, reason, order_id),
+    ).fetchone()
+    if row is None:
+        return False
+    _notify(conn, order_id, status)
+    return True
+
+
+def approve(conn: psycopg.Connection[Any], order_id: str) -> bool:
+    return _settle(conn, order_id, "APPROVED")
+
+
+def reject(conn: psycopg.Connection[Any], order_id: str, reason: str) -> bool:
+    return _settle(conn, order_id, "REJECTED", reason)
+
+
+# -- orchestration -------------------------------------------------------------
+
+
+def _credit_request(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "order_id": data["order_id"],
+        "customer_id": data["customer_id"],
+        "total": data["total"],
+    }
+
+
+def _reject_order(conn: Any, data: dict[str, Any]) -> None:
+    reject(conn, data["order_id"], data.get("failure_reason") or "credit not granted")
+
+
+def _approve_order(conn: Any, data: dict[str, Any]) -> None:
+    if not approve(conn, data["order_id"]):
+        raise BusinessError(f"order {data['order_id']} is no longer pending")
+
+
+CREATE_ORDER = SagaDefinition(
+    "create-order",
+    steps=(
+        # The order row itself is written by create_order(); undoing it means
+        # rejecting it.
+        Step("create-order", action=lambda conn, data: None, compensate=_reject_order),
+        Step(
+            "reserve-credit",
+            command=Command(CUSTOMER_COMMANDS, "ReserveCredit", "customer_id", _credit_request),
+            reply_topic=CUSTOMER_TOPIC,
+            success=("CreditReserved",),
+            failure=("CreditLimitExceeded", "CreditReservationFailed"),
+            compensation=Command(
+                CUSTOMER_COMMANDS, "ReleaseCredit", "customer_id", _credit_request
+            ),
+            compensated=("CreditReleased",),
+            compensation_failed=("CreditReleaseFailed",),
+        ),
+        Step(
+            "confirm-credit",
+            command=Command(CUSTOMER_COMMANDS, "ConfirmCredit", "customer_id", _credit_request),
+            reply_topic=CUSTOMER_TOPIC,
+            success=("CreditConfirmed",),
+            failure=("CreditConfirmationFailed",),
+        ),
+        Step("approve-order", action=_approve_order),
+    ),
+)
+
+
+def orchestrator() -> Orchestrator:
+    return Orchestrator([CREATE_ORDER], name="order-service")
+
+
+def install(conn: psycopg.Connection[Any]) -> None:
+    """The order service's tables, with walsaga's core and saga components."""
+    from relay import schema
+
+    schema.apply(conn, "core")
+    schema.apply(conn, "saga")
+    conn.execute(SCHEMA)
+
+
+# -- the participant -----------------------------------------------------------
+
+
+def participant(
+    *,
+    dsn: str,
+    kafka: dict[str, Any],
+    mode: Mode,
+    orchestrator: Orchestrator | None = None,
+    name: str = "order-service",
+    **settings: Any,
+) -> Participant:
+    """The order service's consumer for the chosen variant."""
+    service = Participant(name, dsn=dsn, kafka=kafka, **settings)
+    if mode == "orchestration":
+        assert orchestrator is not None
+        orchestrator.attach(service)
+        return service
+
+    @service.on(CUSTOMER_TOPIC, "CreditReserved")
+    def credit_reserved(ctx: HandlerContext, message: Message) -> None:
+        order_id = message.field("order_id")
+        if approve(ctx.conn, order_id):
+            order = ctx.execute("SELECT customer_id, total FROM orders WHERE id = %s", (order_id,))
+            customer_id, total = order.fetchone()  # type: ignore[misc]
+            ctx.publish(
+                ORDER_TOPIC,
+                order_id,
+                "OrderApproved",
+                {"order_id": order_id, "customer_id": customer_id, "total": float(total)},
+            )
+
+    for refusal in REFUSALS:
+
+        @service.on(CUSTOMER_TOPIC, refusal)
+        def credit_refused(ctx: HandlerContext, message: Message) -> None:
+            order_id = message.field("order_id")
+            reason = str(message.payload.get("reason") or message.type)
+            if reject(ctx.conn, order_id, reason):
+                ctx.publish(
+                    ORDER_TOPIC, order_id, "OrderRejected", {"order_id": order_id, "reason": reason}
+                )
+
+    return service

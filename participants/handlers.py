@@ -1,0 +1,115 @@
+"""What a handler is given and how it answers: the open transaction, the message,
+and ``publish`` (events leave only through the outbox).
+
+A handler is ``handler(ctx, message)``. It runs inside the participant's
+database transaction (under a savepoint of its own); raising
+:class:`~relay.errors.BusinessError` turns the message into a failure event,
+anything the runtime cannot classify is retried and finally dead-lettered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from participants.message import Message
+
+
+class HandlerContext:
+    """The participant's open transaction while one message is handled."""
+
+    def __init__(self, conn: psycopg.Connection[Any], message: Message, participant: str) -> None:
+        self.conn = conn
+        self.message = message
+        self.participant = participant
+        self.published: list[str] = []
+
+    def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
+        return self.conn.execute(query, params)
+
+    def publish(
+        self,
+        aggregatetype: str,
+        aggregateid: str,
+        type: str,
+        payload: Any,
+        headers: Mapping[str, Any] | None = None,
+        *,
+        correlate: bool = True,
+    ) -> str:
+        """Write an event to the outbox, in this transaction; returns its id.
+
+        With ``correlate`` (the default) the message's saga headers (``saga_id``,
+        ``saga_type``) and ``causation_id`` travel with it, so an orchestrator
+        recognises the event as a reply.
+        """
+        merged: dict[str, Any] = dict(self.message.correlation()) if correlate else {}
+        if headers:
+            merged.update(headers)
+        return publish(self.conn, aggregatetype, aggregateid, type, payload, merged)
+
+
+def publish(
+    conn: psycopg.Connection[Any],
+    aggregatetype: str,
+    aggregateid: str,
+    type: str,
+    payload: Any,
+    headers: Mapping[str, Any] | None = None,
+) -> str:
+    """``walsaga.publish`` in the connection's current transaction."""
+    row = conn.execute(
+        "SELECT walsaga.publish(%s, %s, %s, %s, %s)::text",
+        (aggregatetype, aggregateid, type, Jsonb(payload), Jsonb(dict(headers or {}))),
+    ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+class Handler(Protocol):
+    def __call__(self, ctx: HandlerContext, message: Message, /) -> None: ...
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which records a handler takes, and what a business failure publishes."""
+
+    topic: str
+    type: str | None  # None: every type on the topic
+    handler: Handler
+    #: Event type published when the handler raises BusinessError
+    #: (default: the message type + "Failed"); None with failure_event=False: nothing.
+    failure_type: str | None = None
+    #: Aggregate type (the topic, with the default template) of that event;
+    #: default: the participant's name.
+    failure_topic: str | None = None
+    failure_event: bool = True
+    #: Extra payload fields of the failure event, from the message.
+    failure_fields: Callable[[Message], dict[str, Any]] | None = None
+
+    def matches(self, message: Message) -> bool:
+        return message.topic == self.topic and (self.type is None or self.type == message.type)
+
+
+def failure_payload(route: Route, message: Message, reason: str, code: str) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "reason": reason,
+        "code": code,
+        "failed_type": message.type,
+        "message_id": message.id,
+    }
+    if route.failure_fields is not None:
+        payload.update(route.failure_fields(message))
+    else:
+        try:
+            original = message.payload
+        except Exception:
+            original = None
+        if isinstance(original, dict):
+            # Echo the request so the failure can be matched without a lookup.
+            payload = {**original, **payload}
+    return payload

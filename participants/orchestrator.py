@@ -1,0 +1,309 @@
+"""The orchestrator: saga state in its own database, advanced by replies and deadlines.
+
+Every change happens in one transaction of the orchestrator's database: the
+saga row (read ``FOR UPDATE``), its log entries, the commands written to the
+outbox, and the inbox row of the reply that caused it. No state is kept in
+memory between messages, so any number of orchestrator instances can run;
+deadlines are stored with the saga and fired by whichever instance claims
+them first (``FOR UPDATE SKIP LOCKED``). Ended sagas are announced with
+``NOTIFY walsaga_saga`` (payload: id, definition, status) for waiting clients.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import psycopg
+import structlog
+from prometheus_client import Counter
+from psycopg.types.json import Jsonb
+
+from participants import saga as machine
+from participants.handlers import HandlerContext, Route, publish
+from participants.message import Message
+from participants.runtime import Participant
+from participants.saga import Effect, Log, Reply, RunLocal, SagaDefinition, SagaState, SendCommand
+from relay.errors import BusinessError, SetupError
+
+log = structlog.get_logger("walsaga.orchestrator")
+
+NOTIFY_CHANNEL = "walsaga_saga"
+
+_LOG_INSERT = "INSERT INTO walsaga.saga_log (saga_id, kind, step, detail) VALUES (%s, %s, %s, %s)"
+_COLUMNS = "id, definition, version, status, step, completed, attempt, data, deadline, reason"
+
+
+def _epoch(ts: datetime | None) -> float | None:
+    return ts.timestamp() if ts is not None else None
+
+
+def _ts(epoch: float | None) -> datetime | None:
+    return datetime.fromtimestamp(epoch, UTC) if epoch is not None else None
+
+
+def _state(row: tuple[Any, ...]) -> SagaState:
+    return SagaState(
+        id=row[0],
+        definition=row[1],
+        version=row[2],
+        status=row[3],
+        step=row[4],
+        completed=row[5],
+        attempt=row[6],
+        data=row[7],
+        deadline=_epoch(row[8]),
+        reason=row[9],
+    )
+
+
+class Orchestrator:
+    """Runs the sagas of some definitions; replies arrive through a :class:`Participant`."""
+
+    def __init__(
+        self, definitions: Iterable[SagaDefinition], *, name: str = "orchestrator"
+    ) -> None:
+        self.definitions = {d.name: d for d in definitions}
+        self.name = name
+        self._m_ended: Any = None
+        self._m_started: Any = None
+
+    # -- wiring --------------------------------------------------------------
+
+    def attach(self, participant: Participant, *, deadline_interval_s: float = 0.1) -> None:
+        """Handle this orchestrator's replies and deadlines in `participant`'s loop."""
+        registry = participant.metrics.registry
+        self._m_started = Counter(
+            "walsaga_sagas_started", "Sagas started", ["definition"], registry=registry
+        )
+        self._m_ended = Counter(
+            "walsaga_sagas_ended",
+            "Sagas that reached a terminal status (FAILED needs a human)",
+            ["definition", "status"],
+            registry=registry,
+        )
+        topics = sorted({t for d in self.definitions.values() for t in d.reply_topics})
+        for topic in topics:
+            participant.add_route(Route(topic, None, self._on_reply, failure_event=False))
+        participant.every(deadline_interval_s, self.fire_deadlines, name="saga deadlines")
+
+    # -- starting ------------------------------------------------------------
+
+    def start(
+        self,
+        conn: psycopg.Connection[Any],
+        definition: str | SagaDefinition,
+        saga_id: str,
+        data: dict[str, Any],
+    ) -> SagaState:
+        """Start a saga in the caller's transaction (commit it together with the
+        business change that needs the saga)."""
+        defn = self._definition(definition if isinstance(definition, str) else definition.name)
+        now = time.time()
+        state, effects = machine.start(defn, saga_id, data, now)
+        state = self._apply(conn, defn, state, effects, now)
+        conn.execute(
+            f"""
+            INSERT INTO walsaga.saga ({_COLUMNS})
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            """,
+            self._row(state),
+        )
+        self._after(conn, state, None)
+        if self._m_started is not None:
+            self._m_started.labels(defn.name).inc()
+        return state
+
+    # -- advancing -----------------------------------------------------------
+
+    def _on_reply(self, ctx: HandlerContext, message: Message) -> None:
+        saga_id = message.saga_id
+        if not saga_id or message.headers.get("saga_type") not in (None, *self.definitions):
+            return
+        row = ctx.conn.execute(
+            f"SELECT {_COLUMNS} FROM walsaga.saga WHERE id = %s FOR UPDATE", (saga_id,)
+        ).fetchone()
+        if row is None:
+            return  # not one of ours (or a reply to a command that was never ours)
+        state = _state(row)
+        defn = self.definitions.get(state.definition)
+        if defn is None:
+            return
+        payload = message.payload if isinstance(message.payload, dict) else {}
+        reply = Reply(message.type or "", payload, message.headers, message.id)
+        now = time.time()
+        new, effects = machine.on_reply(defn, state, reply, now)
+        new = self._apply(ctx.conn, defn, new, effects, now)
+        self._save(ctx.conn, state, new)
+
+    def fire_deadlines(self, conn: psycopg.Connection[Any], limit: int = 200) -> int:
+        """Time out sagas whose deadline passed; returns how many. Safe to run
+        from many instances at once."""
+        rows = conn.execute(
+            f"""
+            SELECT {_COLUMNS} FROM walsaga.saga
+            WHERE status IN ('RUNNING', 'COMPENSATING') AND deadline <= now()
+            ORDER BY deadline LIMIT %s FOR UPDATE SKIP LOCKED
+            """,
+            (limit,),
+        ).fetchall()
+        for row in rows:
+            state = _state(row)
+            defn = self.definitions.get(state.definition)
+            if defn is None:
+                continue
+            now = time.time()
+            new, effects = machine.on_timeout(defn, state, now)
+            new = self._apply(conn, defn, new, effects, now)
+            self._save(conn, state, new)
+        return len(rows)
+
+    def _apply(
+        self,
+        conn: psycopg.Connection[Any],
+        defn: SagaDefinition,
+        state: SagaState,
+        effects: list[Effect],
+        now: float,
+    ) -> SagaState:
+        """Carry out effects; local actions feed their outcome back into the machine."""
+        pending = list(effects)
+        while pending:
+            effect = pending.pop(0)
+            if isinstance(effect, Log):
+                conn.execute(
+                    _LOG_INSERT,
+                    (state.id, effect.kind, effect.step, Jsonb(effect.detail)),
+                )
+            elif isinstance(effect, SendCommand):
+                publish(
+                    conn,
+                    effect.command.topic,
+                    effect.aggregate_id,
+                    effect.command.type,
+                    effect.payload,
+                    effect.headers,
+                )
+                conn.execute(
+                    _LOG_INSERT,
+                    (
+                        state.id,
+                        "COMMAND",
+                        effect.step,
+                        Jsonb(
+                            {
+                                "type": effect.command.type,
+                                "topic": effect.command.topic,
+                                "attempt": state.attempt,
+                                "key": effect.headers["idempotency_key"],
+                            }
+                        ),
+                    ),
+                )
+            elif isinstance(effect, RunLocal):
+                result, error = self._run_local(conn, effect, state)
+                state, more = machine.on_local_result(defn, state, result, error, now)
+                pending = list(more) + pending
+        return state
+
+    def _run_local(
+        self, conn: psycopg.Connection[Any], effect: RunLocal, state: SagaState
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            with conn.transaction():
+                result = effect.action(conn, dict(state.data))
+            return (dict(result) if result else None), None
+        except BusinessError as e:
+            return None, e.reason
+        except psycopg.Error as e:
+            if conn.broken:
+                raise
+            if not effect.compensation:
+                raise
+            return None, f"{type(e).__name__}: {e}"
+
+    def _row(self, s: SagaState) -> tuple[Any, ...]:
+        return (
+            s.id,
+            s.definition,
+            s.version,
+            s.status,
+            s.step,
+            s.completed,
+            s.attempt,
+            Jsonb(s.data),
+            _ts(s.deadline),
+            s.reason,
+        )
+
+    def _save(self, conn: psycopg.Connection[Any], old: SagaState, new: SagaState) -> None:
+        if new == old:
+            return
+        conn.execute(
+            """
+            UPDATE walsaga.saga
+            SET status = %s, step = %s, completed = %s, attempt = %s, data = %s,
+                deadline = %s, reason = %s, updated_at = now(),
+                ended_at = CASE WHEN %s THEN now() END
+            WHERE id = %s
+            """,
+            (
+                new.status,
+                new.step,
+                new.completed,
+                new.attempt,
+                Jsonb(new.data),
+                _ts(new.deadline),
+                new.reason,
+                new.status in machine.TERMINAL,
+                new.id,
+            ),
+        )
+        self._after(conn, new, old)
+
+    def _after(self, conn: psycopg.Connection[Any], new: SagaState, old: SagaState | None) -> None:
+        if new.status in machine.TERMINAL and (old is None or old.status != new.status):
+            conn.execute(
+                "SELECT pg_notify(%s, %s)",
+                (
+                    NOTIFY_CHANNEL,
+                    orjson.dumps(
+                        {"id": new.id, "definition": new.definition, "status": new.status}
+                    ).decode(),
+                ),
+            )
+            if self._m_ended is not None:
+                self._m_ended.labels(new.definition, new.status).inc()
+            if new.status == machine.FAILED:
+                log.error(
+                    "saga FAILED: compensation could not finish",
+                    saga=new.id,
+                    definition=new.definition,
+                    reason=new.reason,
+                )
+
+    def _definition(self, name: str) -> SagaDefinition:
+        try:
+            return self.definitions[name]
+        except KeyError:
+            raise SetupError(f"no saga definition named {name!r}") from None
+
+
+def saga_status(conn: psycopg.Connection[Any], saga_id: str) -> SagaState | None:
+    row = conn.execute(f"SELECT {_COLUMNS} FROM walsaga.saga WHERE id = %s", (saga_id,)).fetchone()
+    return _state(row) if row else None
+
+
+def saga_log(
+    conn: psycopg.Connection[Any], saga_id: str
+) -> list[tuple[str, str | None, dict[str, Any]]]:
+    return [
+        (kind, step, detail)
+        for kind, step, detail in conn.execute(
+            "SELECT kind, step, detail FROM walsaga.saga_log WHERE saga_id = %s ORDER BY seq",
+            (saga_id,),
+        )
+    ]

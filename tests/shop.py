@@ -1,0 +1,177 @@
+"""The order + customer example running for a test: two databases, a relay,
+the legacy customer service (declarative handlers) and the order service."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from participants import declarative
+from participants.examples import customers, orders
+from participants.orchestrator import Orchestrator
+from participants.runtime import Participant
+from tests.support import RelayProcess, create_topics, wait_until
+
+TOPICS = [orders.ORDER_TOPIC, orders.CUSTOMER_TOPIC, orders.CUSTOMER_COMMANDS]
+
+
+@dataclass
+class Shop:
+    orders_dsn: str
+    customers_dsn: str
+    broker: str
+    mode: orders.Mode
+    relay: RelayProcess
+    orchestrator: Orchestrator | None
+    participants: dict[str, Participant] = field(default_factory=dict)
+    threads: dict[str, threading.Thread] = field(default_factory=dict)
+
+    def start_participant(self, name: str) -> Participant:
+        """(Re)start one of the two services in a thread of its own."""
+        kafka = {"bootstrap.servers": self.broker}
+        if name == "customer-service":
+            participant = declarative.build(customers.config(self.customers_dsn, self.broker))
+        else:
+            participant = orders.participant(
+                dsn=self.orders_dsn, kafka=kafka, mode=self.mode, orchestrator=self.orchestrator
+            )
+        thread = threading.Thread(target=participant.run, name=name, daemon=True)
+        thread.start()
+        self.participants[name] = participant
+        self.threads[name] = thread
+        return participant
+
+    def stop_participant(self, name: str) -> None:
+        self.participants[name].stop()
+        self.threads[name].join(30)
+
+    def wait_ready(self) -> None:
+        for name, participant in self.participants.items():
+            wait_until(
+                lambda p=participant, n=name: p.ready.is_set() or not self.threads[n].is_alive(),
+                timeout_s=60,
+                what=f"{name} assigned partitions",
+            )
+            assert self.threads[name].is_alive(), f"{name} stopped"
+
+    def order(self, customer_id: str, total: float) -> str:
+        with psycopg.connect(self.orders_dsn) as conn:
+            return orders.create_order(
+                conn, customer_id, total, mode=self.mode, orchestrator=self.orchestrator
+            )
+
+    def statuses(self, ids: list[str]) -> dict[str, str]:
+        with psycopg.connect(self.orders_dsn) as conn:
+            rows = conn.execute(
+                "SELECT id, status FROM orders WHERE id = ANY(%s)", (ids,)
+            ).fetchall()
+        return dict(rows)
+
+    def wait_settled(self, ids: list[str], timeout_s: float = 60) -> dict[str, str]:
+        def settled() -> dict[str, str] | None:
+            found = self.statuses(ids)
+            return found if all(s != "PENDING" for s in found.values()) else None
+
+        return wait_until(settled, timeout_s=timeout_s, interval_s=0.1,  # type: ignore[no-any-return]
+                          what="every order approved or rejected")  # fmt: skip
+
+    def reservations(self) -> dict[str, tuple[str, float, str]]:
+        with psycopg.connect(self.customers_dsn) as conn:
+            rows = conn.execute(
+                "SELECT order_id, customer_id, amount, status FROM credit_reservations"
+            ).fetchall()
+        return {r[0]: (r[1], float(r[2]), r[3]) for r in rows}
+
+    def assert_consistent(self, timeout_s: float = 30) -> None:
+        """The two databases agree (once in-flight confirmations land): no half-done
+        saga, no customer over the limit."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self._check_consistent()
+                return
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def _check_consistent(self) -> None:
+        with psycopg.connect(self.orders_dsn) as conn:
+            order_rows = conn.execute(
+                "SELECT id, customer_id, total, status FROM orders"
+            ).fetchall()
+        reservations = self.reservations()
+        for order_id, customer_id, total, status in order_rows:
+            held = reservations.get(order_id)
+            if status == "APPROVED":
+                assert held is not None and held[2] == "CONFIRMED", (order_id, held)
+                assert held[0] == customer_id and held[1] == float(total)
+            elif status == "REJECTED":
+                assert held is None or held[2] in ("REJECTED", "RELEASED", "EXPIRED"), (
+                    order_id, held)  # fmt: skip
+            else:
+                raise AssertionError(f"order {order_id} still {status}")
+        with psycopg.connect(self.customers_dsn) as conn:
+            over = conn.execute(
+                """
+                SELECT c.id, c.credit_limit, sum(r.amount) FROM customers c
+                JOIN credit_reservations r ON r.customer_id = c.id
+                WHERE r.status IN ('RESERVED', 'CONFIRMED')
+                GROUP BY c.id, c.credit_limit HAVING sum(r.amount) > c.credit_limit
+                """
+            ).fetchall()
+        assert not over, f"customers over their limit: {over}"
+
+    def close(self) -> None:
+        for name in list(self.participants):
+            self.participants[name].stop()
+        for thread in self.threads.values():
+            thread.join(30)
+        self.relay.kill()
+
+
+@contextmanager
+def running_shop(
+    tmp_path: Path,
+    make_database: Any,
+    broker: str,
+    mode: orders.Mode,
+    *,
+    credit: dict[str, float] | None = None,
+) -> Iterator[Shop]:
+    orders_dsn = make_database("orders")
+    customers_dsn = make_database("customers")
+    with psycopg.connect(orders_dsn) as conn:
+        orders.install(conn)
+    with psycopg.connect(customers_dsn) as conn:
+        customers.install(conn, credit or {"c1": 100.0, "c2": 1000.0})
+    create_topics(broker, TOPICS, partitions=4)
+    # Each test gets its own relay slots and its own consumer groups' view of
+    # the topics: names are unique per database, topics are shared but every
+    # event of another test is for a saga this test does not know.
+    relay = RelayProcess.start(
+        tmp_path,
+        bootstrap=broker,
+        sources={"orders": orders_dsn, "customers": customers_dsn},
+        name=f"relay-{uuid.uuid4().hex[:6]}",
+    )
+    orchestrator = orders.orchestrator() if mode == "orchestration" else None
+    shop = Shop(orders_dsn, customers_dsn, broker, mode, relay, orchestrator)
+    try:
+        relay.wait_streaming("orders")
+        relay.wait_streaming("customers")
+        shop.start_participant("customer-service")
+        shop.start_participant("order-service")
+        shop.wait_ready()
+        time.sleep(0.2)
+        yield shop
+    finally:
+        shop.close()
