@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
 import click
 
-from relay.cli import deploy, relay
+from participants.declarative import build, load_participant_config
+from participants.runtime import Participant
+from relay import logs
+from relay.cli import EXIT_ERROR, deploy, relay
+from relay.errors import WalsagaError
+from relay.metrics import serve_http
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,3 +26,65 @@ def main() -> None:
 
 main.add_command(deploy)
 main.add_command(relay)
+
+
+def run_until_signalled(participant: Participant, *, http: tuple[str, int] | None) -> int:
+    """Run `participant` in the foreground; SIGTERM/SIGINT stop it cleanly."""
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        participant.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = None
+    if http is not None:
+
+        def health() -> tuple[bool, dict[str, Any]]:
+            ok = participant.ready.is_set() and not participant.stop_event.is_set()
+            return ok, {"participant": participant.name, "consuming": ok}
+
+        server, _ = serve_http(http[0], http[1], participant.metrics.registry, health)
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            participant.run()
+        except BaseException as e:
+            failure.append(e)
+
+    # The loop runs in a thread so that signals reach this one at once.
+    worker = threading.Thread(target=target, name=f"participant-{participant.name}")
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if server is not None:
+        server.shutdown()
+    if failure:
+        error = failure[0]
+        if isinstance(error, WalsagaError):
+            click.echo(f"error: {error}", err=True)
+            return EXIT_ERROR
+        raise error
+    return 0
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="WALSAGA_PARTICIPANT_CONFIG",
+    required=True,
+    help="Handlers file (TOML); keys can also come from WALSAGA_* variables.",
+)
+def participant(config_path: Path) -> None:
+    """Run a participant whose handlers are SQL statements declared in a file."""
+    try:
+        config = load_participant_config(config_path)
+    except WalsagaError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(EXIT_ERROR) from None
+    settings = config.participant
+    logs.configure(settings.log_level, settings.log_format)
+    http = (settings.http_host, settings.http_port) if settings.http_port is not None else None
+    raise SystemExit(run_until_signalled(build(config), http=http))

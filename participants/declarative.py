@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import psycopg
@@ -141,8 +141,8 @@ class ParticipantSettings(_Strict):
     business_sqlstates: list[str] = Field(default_factory=list)
     http_port: int | None = Field(default=None, ge=0, le=65535)
     http_host: str = "0.0.0.0"
-    log_format: str = "console"
-    log_level: str = "info"
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("business_sqlstates")
     @classmethod

@@ -195,6 +195,7 @@ class Participant:
         """Consume until :meth:`stop`; offsets of handled records are committed on the way out."""
         if not self.routes:
             raise SetupError(f"participant {self.name!r} has no handlers")
+        self._check_database()
         if self.topic_partitions:
             self._create_missing_topics()
         consumer = Consumer(self.consumer_settings())
@@ -226,6 +227,16 @@ class Participant:
             if self._conn is not None:
                 self._conn.close()
             self.log.info("stopped")
+
+    def _check_database(self) -> None:
+        conn = self._connection()
+        with conn.transaction():
+            row = conn.execute("SELECT to_regclass('walsaga.inbox') IS NOT NULL").fetchone()
+        if not (row and row[0]):
+            raise SetupError(
+                f"participant {self.name!r}: its database has no walsaga schema; "
+                "deploy it first with: walsaga deploy --dsn <dsn of that database>"
+            )
 
     def _create_missing_topics(self) -> None:
         """Create the subscribed topics that do not exist yet (a consumer of a

@@ -108,9 +108,9 @@ def test_commit_times_parse_wal2json_timestamps() -> None:
 
 def test_window_confirms_only_past_events_acknowledged_with_everything_before() -> None:
     window = AckWindow(100, max_group=1)
-    a = window.event(110, 0.0)
-    b = window.event(120, 0.0)
-    c = window.event(130, 0.0)
+    a = window.event(110)
+    b = window.event(120)
+    c = window.event(130)
     window.seal()
     assert window.advance() == 100
     c.ack(None, None)  # out of order: a later partition acknowledged first
@@ -125,7 +125,7 @@ def test_position_only_messages_wait_for_the_events_before_them() -> None:
     window = AckWindow(100)
     window.position(150)
     assert window.advance() == 150
-    group = window.event(160, 0.0)
+    group = window.event(160)
     window.position(170)  # heartbeat after an unacknowledged event
     window.position(500)  # keepalive
     assert window.advance() == 150
@@ -135,14 +135,14 @@ def test_position_only_messages_wait_for_the_events_before_them() -> None:
 
 def test_window_never_moves_backwards() -> None:
     window = AckWindow(1000)
-    group = window.event(900, 0.0)  # an interleaved transaction's earlier change
+    group = window.event(900)  # an interleaved transaction's earlier change
     group.ack(None, None)
     assert window.advance() == 1000
 
 
 def test_a_delivery_error_stops_the_window() -> None:
     window = AckWindow(0)
-    group = window.event(10, 0.0)
+    group = window.event(10)
     group.ack("Broker: Message size too large", None)
     with pytest.raises(DeliveryError):
         window.advance()

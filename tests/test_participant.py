@@ -1,0 +1,267 @@
+"""The participant runtime against real Postgres and a real broker: effects once,
+business failures, dead letters, retries, declared SQL handlers."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import Producer
+
+from participants import declarative
+from participants.declarative import SqlHandler, _placeholders
+from participants.handlers import HandlerContext
+from participants.message import Message
+from participants.runtime import Participant
+from relay.errors import BusinessError
+from tests.support import create_topics, wait_until
+
+
+def produce(broker: str, topic: str, records: list[dict[str, Any]]) -> None:
+    """Write records as the relay would: key, JSON value, contract headers."""
+    producer = Producer({"bootstrap.servers": broker})
+    for r in records:
+        value = r.get("raw", json.dumps(r.get("payload", {})).encode())
+        headers = {"id": r.get("id", str(uuid.uuid4())), "type": r["type"], **r.get("headers", {})}
+        producer.produce(topic, value, r.get("key", "k"), headers=headers)
+    assert producer.flush(30) == 0
+
+
+@contextmanager
+def running(participant: Participant) -> Iterator[Participant]:
+    thread = threading.Thread(target=participant.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: participant.ready.is_set() or not thread.is_alive(), timeout_s=60)
+        assert thread.is_alive()
+        yield participant
+    finally:
+        participant.stop()
+        thread.join(30)
+
+
+@pytest.fixture
+def ledger(walsaga_db: str) -> str:
+    with psycopg.connect(walsaga_db) as conn:
+        conn.execute("CREATE TABLE ledger (entry text PRIMARY KEY, amount numeric NOT NULL)")
+        conn.execute(
+            """
+            CREATE PROCEDURE book(p_entry text, p_amount numeric) LANGUAGE plpgsql AS $$
+            BEGIN
+                IF p_amount < 0 THEN
+                    RAISE EXCEPTION 'negative amount %', p_amount USING ERRCODE = 'WS010';
+                END IF;
+                INSERT INTO ledger VALUES (p_entry, p_amount);
+            END $$
+            """
+        )
+    return walsaga_db
+
+
+def rows(dsn: str, query: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query, params or None).fetchall()
+
+
+def outbox(dsn: str, aggregatetype: str) -> list[tuple[Any, ...]]:
+    return rows(
+        dsn,
+        "SELECT type, aggregateid, payload, headers FROM walsaga.outbox "
+        "WHERE aggregatetype = %s ORDER BY created_at",
+        aggregatetype,
+    )
+
+
+def topic() -> str:
+    return f"t_{uuid.uuid4().hex[:8]}"
+
+
+def test_a_repeated_message_takes_effect_once(ledger: str, broker: str) -> None:
+    t = topic()
+    create_topics(broker, [t], partitions=2)
+    participant = Participant(f"p-{t}", dsn=ledger, kafka={"bootstrap.servers": broker})
+    calls: list[str] = []
+
+    @participant.on(t, "Booked")
+    def book(ctx: HandlerContext, message: Message) -> None:
+        calls.append(message.id)
+        ctx.execute("INSERT INTO ledger VALUES (%s, %s)", (message.field("entry"), 1))
+
+    same = str(uuid.uuid4())
+    records = [{"id": same, "type": "Booked", "payload": {"entry": "a"}}] * 3
+    records += [{"type": "Booked", "payload": {"entry": "b"}}]
+    with running(participant):
+        produce(broker, t, records)
+        wait_until(lambda: len(rows(ledger, "SELECT * FROM ledger")) == 2, timeout_s=30)
+        produce(broker, t, [{"id": same, "type": "Booked", "payload": {"entry": "a"}}])
+        wait_until(
+            lambda: (
+                participant.metrics.handled.labels(participant.name, "duplicate")._value.get() >= 3
+            ),
+            timeout_s=30,
+        )
+    assert sorted(r[0] for r in rows(ledger, "SELECT entry FROM ledger")) == ["a", "b"]
+    assert calls.count(same) == 1
+    # Offsets were committed: a new run of the same participant sees nothing again.
+    again = Participant(f"p-{t}", dsn=ledger, kafka={"bootstrap.servers": broker})
+    again.add_route(participant.routes[0])
+    with running(again):
+        time.sleep(2)
+    assert calls.count(same) == 1
+
+
+def test_a_business_failure_rolls_back_and_publishes_a_correlated_failure_event(
+    ledger: str, broker: str
+) -> None:
+    t = topic()
+    participant = Participant(f"p-{t}", dsn=ledger, kafka={"bootstrap.servers": broker})
+
+    @participant.on(t, "Reserve", failure_type="ReservationRefused", failure_topic="stock")
+    def reserve(ctx: HandlerContext, message: Message) -> None:
+        ctx.execute("INSERT INTO ledger VALUES ('half-done', 1)")
+        raise BusinessError("out of stock", code="NO_STOCK")
+
+    with running(participant):
+        produce(broker, t, [{"type": "Reserve", "key": "sku-1", "payload": {"sku": "sku-1"},
+                             "headers": {"saga_id": "saga-9"}}])  # fmt: skip
+        wait_until(lambda: outbox(ledger, "stock"), timeout_s=30)
+    assert rows(ledger, "SELECT * FROM ledger") == []
+    [(type_, key, payload, headers)] = outbox(ledger, "stock")
+    assert (type_, key) == ("ReservationRefused", "sku-1")
+    assert payload["reason"] == "out of stock"
+    assert payload["code"] == "NO_STOCK"
+    assert payload["sku"] == "sku-1"
+    assert headers["saga_id"] == "saga-9"
+
+
+def test_declared_sql_handlers_bind_fields_and_turn_ws_errors_into_failure_events(
+    ledger: str, broker: str
+) -> None:
+    t = topic()
+    config = declarative.ParticipantConfig.model_validate(
+        {
+            "participant": {"name": f"p-{t}", "dsn": ledger},
+            "kafka": {"bootstrap.servers": broker},
+            "handler": [
+                {"topic": t, "type": "Book", "sql": "CALL book(:entry, :amount)",
+                 "failure_type": "BookingRefused", "failure_topic": "ledger"},
+            ],
+        }
+    )  # fmt: skip
+    with running(declarative.build(config)):
+        produce(broker, t, [
+            {"type": "Book", "payload": {"entry": "e1", "amount": 12.5}},
+            {"type": "Book", "payload": {"entry": "e2", "amount": -1}},
+            {"type": "Book", "payload": {"entry": "e3"}},  # no amount: dead letter
+            {"type": "Book", "raw": b"\xff not json"},  # dead letter
+            {"type": "Book", "payload": {"entry": "e4", "amount": 3}},
+        ])  # fmt: skip
+        wait_until(lambda: len(rows(ledger, "SELECT * FROM ledger")) == 2, timeout_s=30)
+        wait_until(lambda: len(outbox(ledger, f"p-{t}.deadletter")) == 2, timeout_s=30)
+    assert rows(ledger, "SELECT entry, amount::float FROM ledger ORDER BY entry") == [
+        ("e1", 12.5),
+        ("e4", 3.0),
+    ]
+    [(type_, _, payload, _)] = outbox(ledger, "ledger")
+    assert type_ == "BookingRefused"
+    assert payload["code"] == "WS010"
+    assert "negative amount" in payload["reason"]
+    letters = outbox(ledger, f"p-{t}.deadletter")
+    reasons = sorted(h["walsaga.deadletter.reason"] for _, _, _, h in letters)
+    assert "payload has no field 'amount'" in reasons[1] or "payload has no field" in reasons[0]
+    assert any("not JSON" in r for r in reasons)
+    assert all(h["walsaga.deadletter.topic"] == t for _, _, _, h in letters)
+    raw = next(p for _, _, p, _ in letters if p["encoding"] == "base64")
+    assert raw["value"]
+
+
+def test_a_handler_that_keeps_failing_is_dead_lettered_and_the_rest_goes_on(
+    ledger: str, broker: str
+) -> None:
+    t = topic()
+    participant = Participant(f"p-{t}", dsn=ledger, kafka={"bootstrap.servers": broker},
+                              max_attempts=3, retry_min_s=0.01, retry_max_s=0.05)  # fmt: skip
+
+    @participant.on(t)
+    def handle(ctx: HandlerContext, message: Message) -> None:
+        if message.field("entry") == "bad":
+            raise RuntimeError("bug in the handler")
+        ctx.execute("INSERT INTO ledger VALUES (%s, 1)", (message.field("entry"),))
+
+    with running(participant):
+        produce(broker, t, [{"type": "X", "payload": {"entry": e}} for e in ("a", "bad", "c")])
+        wait_until(lambda: len(outbox(ledger, f"p-{t}.deadletter")) == 1, timeout_s=30)
+        wait_until(lambda: len(rows(ledger, "SELECT * FROM ledger")) == 2, timeout_s=30)
+    [(_, _, payload, headers)] = outbox(ledger, f"p-{t}.deadletter")
+    assert (
+        "failed 3 times: RuntimeError: bug in the handler" in headers["walsaga.deadletter.reason"]
+    )
+    assert payload["value"] == {"entry": "bad"}
+
+
+def test_transient_errors_are_retried_until_the_effect_lands_once(ledger: str, broker: str) -> None:
+    t = topic()
+    participant = Participant(f"p-{t}", dsn=ledger, kafka={"bootstrap.servers": broker},
+                              retry_min_s=0.01)  # fmt: skip
+    failures = {"left": 3}
+
+    @participant.on(t)
+    def handle(ctx: HandlerContext, message: Message) -> None:
+        ctx.execute("INSERT INTO ledger VALUES (%s, 1)", (message.field("entry"),))
+        if failures["left"]:
+            failures["left"] -= 1
+            raise psycopg.errors.SerializationFailure("could not serialize access")
+
+    with running(participant):
+        produce(broker, t, [{"type": "X", "payload": {"entry": "once"}}])
+        wait_until(lambda: rows(ledger, "SELECT entry FROM ledger") == [("once",)], timeout_s=30)
+    assert failures["left"] == 0
+    assert participant.metrics.retries.labels(participant.name)._value.get() >= 3
+
+
+def test_a_compensation_seals_its_command_against_a_late_copy(ledger: str, broker: str) -> None:
+    t = topic()
+    participant = Participant(f"p-{t}", dsn=ledger, kafka={"bootstrap.servers": broker})
+
+    @participant.on(t, "Do")
+    def do(ctx: HandlerContext, message: Message) -> None:
+        ctx.execute("INSERT INTO ledger VALUES ('done', 1)")
+
+    @participant.on(t, "Undo")
+    def undo(ctx: HandlerContext, message: Message) -> None:
+        ctx.execute("INSERT INTO ledger VALUES ('undone', 1)")
+
+    with running(participant):
+        produce(broker, t, [
+            {"type": "Undo", "headers": {"idempotency_key": "s/1/compensate",
+                                         "compensates": "s/1/do"}},
+            {"type": "Do", "headers": {"idempotency_key": "s/1/do"}},
+            {"type": "Do", "headers": {"idempotency_key": "s/2/do"}},
+        ])  # fmt: skip
+        wait_until(
+            lambda: (
+                participant.metrics.handled.labels(participant.name, "duplicate")._value.get() >= 1
+            ),
+            timeout_s=30,
+        )
+        wait_until(lambda: len(rows(ledger, "SELECT * FROM ledger")) == 2, timeout_s=30)
+    assert sorted(r[0] for r in rows(ledger, "SELECT entry FROM ledger")) == ["done", "undone"]
+
+
+def test_sql_parameters_leave_casts_and_percent_signs_alone() -> None:
+    query, names = _placeholders(
+        "SELECT :a::int, :header.saga_id, '50%' AS pct, :b.c, x::text FROM t WHERE y = :a"
+    )
+    assert names == ["a", "header.saga_id", "b.c", "a"]
+    assert query == (
+        "SELECT %(p0)s::int, %(p1)s, '50%%' AS pct, %(p2)s, x::text FROM t WHERE y = %(p3)s"
+    )
+    handler = SqlHandler("CALL f(:message.id, :n)")
+    assert handler.parameters == ["message.id", "n"]

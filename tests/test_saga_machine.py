@@ -1,0 +1,185 @@
+"""The saga state machine, pure: steps, replies, timeouts, compensation order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from participants import saga
+from participants.saga import (
+    Command,
+    Log,
+    Reply,
+    RetryPolicy,
+    RunLocal,
+    SagaDefinition,
+    SendCommand,
+    Step,
+)
+
+
+def remote(name: str, *, compensable: bool = True, **kw: Any) -> Step:
+    return Step(
+        name,
+        command=Command(f"{name}-commands", f"Do{name}", "key"),
+        reply_topic=name,
+        success=(f"{name}Done",),
+        failure=(f"{name}Refused",),
+        compensation=Command(f"{name}-commands", f"Undo{name}", "key") if compensable else None,
+        compensated=(f"{name}Undone",) if compensable else (),
+        compensation_failed=(f"{name}UndoRefused",) if compensable else (),
+        timeout_s=10,
+        **kw,
+    )
+
+
+TRIP = SagaDefinition("trip", (remote("Flight"), remote("Hotel"), remote("Car")))
+
+
+def reply(type: str, **payload: Any) -> Reply:
+    return Reply(type, payload, {"saga_id": "s1"}, f"m-{type}")
+
+
+def sent(effects: list[Any]) -> list[str]:
+    return [e.command.type for e in effects if isinstance(e, SendCommand)]
+
+
+def logged(effects: list[Any]) -> list[str]:
+    return [e.kind for e in effects if isinstance(e, Log)]
+
+
+def test_a_saga_sends_each_command_after_the_previous_success_and_completes() -> None:
+    state, effects = saga.start(TRIP, "s1", {"key": "k"}, now=0)
+    assert sent(effects) == ["DoFlight"]
+    assert state.status == saga.RUNNING and state.deadline == 10
+    command = next(e for e in effects if isinstance(e, SendCommand))
+    assert command.headers == {
+        "saga_id": "s1",
+        "saga_type": "trip",
+        "saga_step": "Flight",
+        "idempotency_key": "s1/Flight/do",
+    }
+    state, effects = saga.on_reply(TRIP, state, reply("FlightDone", seat="3A"), now=1)
+    assert sent(effects) == ["DoHotel"]
+    assert state.data["Flight"] == {"seat": "3A"}
+    state, effects = saga.on_reply(TRIP, state, reply("HotelDone"), now=2)
+    state, effects = saga.on_reply(TRIP, state, reply("CarDone"), now=3)
+    assert state.status == saga.COMPLETED
+    assert state.deadline is None
+    assert logged(effects)[-1] == "COMPLETED"
+
+
+def test_a_business_failure_compensates_completed_steps_in_reverse_order() -> None:
+    state, _ = saga.start(TRIP, "s1", {"key": "k"}, now=0)
+    state, _ = saga.on_reply(TRIP, state, reply("FlightDone"), now=1)
+    state, _ = saga.on_reply(TRIP, state, reply("HotelDone"), now=2)
+    state, effects = saga.on_reply(TRIP, state, reply("CarRefused", reason="no cars"), now=3)
+    assert state.status == saga.COMPENSATING
+    assert state.reason == "no cars"
+    assert sent(effects) == ["UndoHotel"]  # the refused step did nothing: not compensated
+    undo = next(e for e in effects if isinstance(e, SendCommand))
+    assert undo.headers["compensates"] == "s1/Hotel/do"
+    assert undo.headers["idempotency_key"] == "s1/Hotel/compensate"
+    state, effects = saga.on_reply(TRIP, state, reply("HotelUndone"), now=4)
+    assert sent(effects) == ["UndoFlight"]
+    state, effects = saga.on_reply(TRIP, state, reply("FlightUndone"), now=5)
+    assert state.status == saga.COMPENSATED
+    assert logged(effects)[-1] == "COMPENSATED"
+
+
+def test_a_timeout_resends_the_same_command_then_gives_up_and_compensates_it_too() -> None:
+    defn = SagaDefinition("t", (remote("A"), remote("B", retry=RetryPolicy(max_attempts=2))))
+    state, _ = saga.start(defn, "s1", {"key": "k"}, now=0)
+    state, _ = saga.on_reply(defn, state, reply("ADone"), now=1)
+    assert state.deadline == 11
+    state, effects = saga.on_timeout(defn, state, now=11)
+    assert sent(effects) == ["DoB"]
+    assert state.attempt == 2
+    assert state.deadline == 11 + 10 + 0.5  # timeout plus backoff
+    retried = next(e for e in effects if isinstance(e, SendCommand))
+    assert retried.headers["idempotency_key"] == "s1/B/do"  # same key: performed once
+    state, effects = saga.on_timeout(defn, state, now=22)
+    assert logged(effects)[:2] == ["TIMEOUT", "COMPENSATING"]
+    # Outcome of B unknown: B is compensated, then A.
+    assert sent(effects) == ["UndoB"]
+    state, effects = saga.on_reply(defn, state, reply("BUndone"), now=23)
+    assert sent(effects) == ["UndoA"]
+
+
+def test_a_compensation_that_keeps_failing_ends_failed_never_compensated() -> None:
+    defn = SagaDefinition(
+        "t",
+        (remote("A", compensation_retry=RetryPolicy(max_attempts=3, backoff_s=1)), remote("B")),
+    )
+    state, _ = saga.start(defn, "s1", {"key": "k"}, now=0)
+    state, _ = saga.on_reply(defn, state, reply("ADone"), now=1)
+    state, _ = saga.on_reply(defn, state, reply("BRefused"), now=2)
+    for attempt in (1, 2):
+        state, effects = saga.on_reply(defn, state, reply("AUndoRefused"), now=3)
+        assert state.status == saga.COMPENSATING
+        state, effects = saga.on_timeout(defn, state, now=state.deadline)  # type: ignore[arg-type]
+        assert sent(effects) == ["UndoA"]
+        assert state.attempt == attempt + 1
+    state, effects = saga.on_reply(defn, state, reply("AUndoRefused"), now=9)
+    state, effects = saga.on_timeout(defn, state, now=state.deadline)  # type: ignore[arg-type]
+    assert state.status == saga.FAILED
+    assert "did not succeed after 3 attempts" in (state.reason or "")
+
+
+def test_unexpected_and_late_replies_are_logged_and_change_nothing() -> None:
+    state, _ = saga.start(TRIP, "s1", {"key": "k"}, now=0)
+    same, effects = saga.on_reply(TRIP, state, reply("HotelDone"), now=1)
+    assert same == state
+    assert logged(effects) == ["IGNORED"]
+    done = state
+    for t in ("FlightDone", "HotelDone", "CarDone"):
+        done, _ = saga.on_reply(TRIP, done, reply(t), now=2)
+    late, effects = saga.on_reply(TRIP, done, reply("CarDone"), now=3)
+    assert late == done and logged(effects) == ["IGNORED"]
+
+
+def test_local_steps_run_in_the_orchestrator_and_feed_back() -> None:
+    def approve(conn: Any, data: dict[str, Any]) -> dict[str, Any]:
+        return {"approved": True}
+
+    defn = SagaDefinition(
+        "order",
+        (
+            Step("create", action=lambda c, d: None, compensate=lambda c, d: None),
+            remote("Credit", compensable=False),
+            Step("approve", action=approve),
+        ),
+    )
+    state, effects = saga.start(defn, "o1", {"key": "k"}, now=0)
+    assert isinstance(effects[-1], RunLocal) and effects[-1].step == "create"
+    state, effects = saga.on_local_result(defn, state, None, None, now=0)
+    assert sent(effects) == ["DoCredit"]
+    state, effects = saga.on_reply(defn, state, reply("CreditDone"), now=1)
+    assert isinstance(effects[-1], RunLocal) and effects[-1].step == "approve"
+    state, effects = saga.on_local_result(defn, state, {"approved": True}, None, now=1)
+    assert state.status == saga.COMPLETED and state.data["approved"] is True
+
+    # A refusal compensates the local create step (the credit step has no undo).
+    state, _ = saga.start(defn, "o2", {"key": "k"}, now=0)
+    state, _ = saga.on_local_result(defn, state, None, None, now=0)
+    state, effects = saga.on_reply(defn, state, reply("CreditRefused", reason="limit"), now=1)
+    local = [e for e in effects if isinstance(e, RunLocal)]
+    assert [e.step for e in local] == ["create"] and local[0].compensation
+    assert state.data["failure_reason"] == "limit"
+    state, effects = saga.on_local_result(defn, state, None, None, now=1)
+    assert state.status == saga.COMPENSATED
+
+
+def test_definitions_reject_ambiguous_steps() -> None:
+    with pytest.raises(ValueError, match="exactly one of command and action"):
+        Step("x")
+    with pytest.raises(ValueError, match="success reply types"):
+        Step("x", command=Command("t", "C", "k"), reply_topic="r")
+    with pytest.raises(ValueError, match="unique"):
+        SagaDefinition("d", (remote("A"), remote("A")))
+
+
+def test_retry_backoff_grows_and_is_capped() -> None:
+    policy = RetryPolicy(max_attempts=10, backoff_s=0.5, backoff_max_s=3)
+    assert [policy.backoff(n) for n in range(1, 7)] == [0, 0.5, 1, 2, 3, 3]
