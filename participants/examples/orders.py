@@ -25,7 +25,7 @@ from participants.handlers import HandlerContext, publish
 from participants.message import Message
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
-from participants.saga import Command, SagaDefinition, Step
+from participants.saga import Command, RetryPolicy, SagaDefinition, Step
 from relay.errors import BusinessError
 
 Mode = Literal["choreography", "orchestration"]
@@ -90,7 +90,7 @@ def create_order(
         publish(conn, ORDER_TOPIC, order_id, "OrderCreated", data, {"saga_id": order_id})
     else:
         assert orchestrator is not None, "the orchestration variant needs its orchestrator"
-        orchestrator.start(conn, CREATE_ORDER, order_id, data)
+        orchestrator.start(conn, "create-order", order_id, data)
     return order_id
 
 
@@ -137,38 +137,50 @@ def _approve_order(conn: Any, data: dict[str, Any]) -> None:
         raise BusinessError(f"order {data['order_id']} is no longer pending")
 
 
-CREATE_ORDER = SagaDefinition(
-    "create-order",
-    steps=(
-        # The order row itself is written by create_order(); undoing it means
-        # rejecting it.
-        Step("create-order", action=lambda conn, data: None, compensate=_reject_order),
-        Step(
-            "reserve-credit",
-            command=Command(CUSTOMER_COMMANDS, "ReserveCredit", "customer_id", _credit_request),
-            reply_topic=CUSTOMER_TOPIC,
-            success=("CreditReserved",),
-            failure=("CreditLimitExceeded", "CreditReservationFailed"),
-            compensation=Command(
-                CUSTOMER_COMMANDS, "ReleaseCredit", "customer_id", _credit_request
+def create_order_saga(
+    *, timeout_s: float = 10.0, retry: RetryPolicy | None = None
+) -> SagaDefinition:
+    """The create-order saga; commands wait `timeout_s` for a reply, resent per `retry`."""
+    retry = retry or RetryPolicy()
+    return SagaDefinition(
+        "create-order",
+        steps=(
+            # The order row itself is written by create_order(); undoing it
+            # means rejecting it.
+            Step("create-order", action=lambda conn, data: None, compensate=_reject_order),
+            Step(
+                "reserve-credit",
+                command=Command(CUSTOMER_COMMANDS, "ReserveCredit", "customer_id", _credit_request),
+                reply_topic=CUSTOMER_TOPIC,
+                success=("CreditReserved",),
+                failure=("CreditLimitExceeded", "CreditReservationFailed"),
+                compensation=Command(
+                    CUSTOMER_COMMANDS, "ReleaseCredit", "customer_id", _credit_request
+                ),
+                compensated=("CreditReleased",),
+                compensation_failed=("CreditReleaseFailed",),
+                timeout_s=timeout_s,
+                retry=retry,
             ),
-            compensated=("CreditReleased",),
-            compensation_failed=("CreditReleaseFailed",),
+            Step(
+                "confirm-credit",
+                command=Command(CUSTOMER_COMMANDS, "ConfirmCredit", "customer_id", _credit_request),
+                reply_topic=CUSTOMER_TOPIC,
+                success=("CreditConfirmed",),
+                failure=("CreditConfirmationFailed",),
+                timeout_s=timeout_s,
+                retry=retry,
+            ),
+            Step("approve-order", action=_approve_order),
         ),
-        Step(
-            "confirm-credit",
-            command=Command(CUSTOMER_COMMANDS, "ConfirmCredit", "customer_id", _credit_request),
-            reply_topic=CUSTOMER_TOPIC,
-            success=("CreditConfirmed",),
-            failure=("CreditConfirmationFailed",),
-        ),
-        Step("approve-order", action=_approve_order),
-    ),
-)
+    )
 
 
-def orchestrator() -> Orchestrator:
-    return Orchestrator([CREATE_ORDER], name="order-service")
+CREATE_ORDER = create_order_saga()
+
+
+def orchestrator(definition: SagaDefinition = CREATE_ORDER) -> Orchestrator:
+    return Orchestrator([definition], name="order-service")
 
 
 def install(conn: psycopg.Connection[Any]) -> None:
