@@ -135,6 +135,18 @@ def test_a_missing_file_is_a_spec_error_naming_it(tmp_path: Path) -> None:
             r'headers: header "id" is set by the relay on every event',
             id="reserved header",
         ),
+        pytest.param(
+            entry(mode="queue"),
+            r'capture\[1\] \(public\.orders → OrderCreated\): mode: unknown mode "queue" '
+            r'\(expected "outbox" or "message"\)$',
+            id="unknown mode",
+        ),
+        pytest.param(
+            'mode = "kafka"\n' + ORDERS,
+            r'^spec\.toml: mode: unknown mode "kafka" \(expected "outbox" or "message"\)$',
+            id="unknown spec-wide mode",
+        ),
+        pytest.param(entry(mode=1), r'mode: unknown mode "1"', id="mode not a string"),
     ],
 )
 def test_bad_specs_fail_with_one_line_naming_the_file_and_the_entry(
@@ -143,6 +155,22 @@ def test_bad_specs_fail_with_one_line_naming_the_file_and_the_entry(
     with pytest.raises(SpecError, match=message) as caught:
         parse_spec(text, source="spec.toml")
     assert "\n" not in str(caught.value)
+
+
+def test_the_mode_is_outbox_unless_the_spec_or_the_entry_says_message() -> None:
+    assert [e.mode for e in parse_spec(ORDERS, source="spec.toml").entries] == ["outbox"]
+    text = (
+        'mode = "message"\n'
+        + ORDERS
+        + entry(event="OrderPaid", mode="outbox")
+        + entry(event="OrderShipped")
+    )
+    modes = [(e.event, e.mode) for e in parse_spec(text, source="spec.toml").entries]
+    assert modes == [
+        ("OrderCreated", "message"),
+        ("OrderPaid", "outbox"),
+        ("OrderShipped", "message"),
+    ]
 
 
 def test_an_error_names_the_entry_by_its_position() -> None:
@@ -254,3 +282,52 @@ def test_the_definition_changes_with_the_entry() -> None:
     after = capture(ORDERS.replace('"total"]', '"total", "status"]'), "insert").definition
     assert before != after
     assert capture(ORDERS, "insert").definition == before
+
+
+# --- message mode ------------------------------------------------------------
+
+
+def test_a_message_mode_trigger_emits_a_logical_message_and_never_touches_the_outbox() -> None:
+    function = capture(entry(mode="message", payload=["id", "total"]), "insert").function_sql()
+    assert "SECURITY DEFINER" in function
+    assert "walsaga.outbox" not in function
+    assert "lsn := pg_catalog.pg_logical_emit_message(true, 'walsaga'," in function
+    # The JSON shape of walsaga.emit(): id, aggregatetype, aggregateid, type, payload, headers.
+    assert (
+        "pg_catalog.json_build_object(\n"
+        "            'id', pg_catalog.gen_random_uuid(),\n"
+        "            'aggregatetype', 'order',\n"
+        "            'aggregateid', NEW.\"id\"::pg_catalog.text,\n"
+        "            'type', 'OrderCreated',\n"
+        "            'payload', pg_catalog.json_build_object("
+        "'id', NEW.\"id\", 'total', NEW.\"total\"),\n"
+        "            'headers', '{}'::pg_catalog.json)::pg_catalog.text);"
+    ) in function
+    # A NULL key is refused, as the outbox's NOT NULL refuses it.
+    assert 'IF NEW."id" IS NULL THEN' in function
+    assert "ERRCODE = 'not_null_violation'" in function
+
+
+def test_a_message_mode_trigger_captures_the_right_row_and_its_headers() -> None:
+    text = entry(on=["insert", "delete"], mode="message", headers={"saga": "customer_id"})
+    deleted = capture(text, "delete").function_sql()
+    assert "pg_catalog.to_json(OLD)" in deleted
+    assert 'IF OLD."id" IS NULL THEN' in deleted
+    assert "NEW." not in deleted
+    assert (
+        "'headers', pg_catalog.json_build_object('saga', OLD.\"customer_id\"::pg_catalog.text)"
+        in deleted
+    )
+    assert "pg_catalog.to_json(NEW)" in capture(text, "insert").function_sql()
+
+
+def test_changing_the_mode_changes_the_definition() -> None:
+    outbox = capture(ORDERS, "insert")
+    message = capture('mode = "message"\n' + ORDERS, "insert")
+    assert outbox.mode == "outbox"
+    assert message.mode == "message"
+    assert outbox.definition != message.definition
+    assert (outbox.trigger_name, outbox.function_name) == (
+        message.trigger_name,
+        message.function_name,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -18,10 +19,11 @@ from click.testing import CliRunner, Result
 from psycopg import conninfo, sql
 
 from participants.cli import main
-from relay import deploy
+from relay import deploy, wal2json
 from relay.capture import load_spec
 from relay.deploy import password_matches
 from relay.errors import TransientError
+from relay.wal2json import PLUGIN_OPTIONS, OutboxEvent
 
 LEGACY_SCHEMA = '''
 CREATE TABLE customers (
@@ -294,6 +296,145 @@ def test_roles_writing_the_table_need_no_privilege_on_walsaga(
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 conn.execute("SELECT * FROM walsaga.outbox")
     assert [(row[0], row[3]["total"]) for row in outbox(legacy_db)] == [("OrderDeleted", 1)]
+
+
+# --- message mode ------------------------------------------------------------
+
+
+@pytest.fixture
+def slot(legacy_db: str) -> Iterator[str]:
+    """A wal2json slot on the legacy database, read as the relay reads its own."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(legacy_db, autocommit=True) as conn:
+        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (name,))
+    yield name
+    with psycopg.connect(legacy_db, autocommit=True) as conn, contextlib.suppress(psycopg.Error):
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+
+
+def events(dsn: str, slot: str) -> list[tuple[dict[str, Any], OutboxEvent]]:
+    """What the relay would publish from `slot` since the last call: each wal2json
+    message with the event decoded from it."""
+    options = [text for pair in PLUGIN_OPTIONS.items() for text in pair]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL, VARIADIC %s::text[])",
+            (slot, options),
+        ).fetchall()
+    found = []
+    for (data,) in rows:
+        event = wal2json.decode(data.encode())
+        if isinstance(event, OutboxEvent):
+            found.append((json.loads(data), event))
+    return found
+
+
+def published(event: OutboxEvent) -> tuple[Any, ...]:
+    return (
+        event.type,
+        event.aggregatetype,
+        event.aggregateid,
+        json.loads(event.payload),
+        event.headers,
+    )
+
+
+def test_message_mode_writes_no_outbox_row_and_emits_the_event_as_a_logical_message(
+    legacy_db: str, tmp_path: Path, slot: str
+) -> None:
+    approved_in_outbox = ORDER_APPROVED.replace(
+        'event = "OrderApproved"', 'event = "OrderApproved"\nmode = "outbox"'
+    )
+    spec = 'mode = "message"\n' + ORDER_CREATED + approved_in_outbox + ORDER_DELETED
+    deployed(legacy_db, write_spec(tmp_path, spec))
+    run(
+        legacy_db,
+        "INSERT INTO orders (customer_id, total) VALUES (7, 10.50)",
+        "INSERT INTO orders (customer_id, total, note) VALUES (8, 20, 'gift')",
+        "UPDATE orders SET status = 'APPROVED' WHERE id = 1",
+        "DELETE FROM orders WHERE id = 2",
+    )
+    with psycopg.connect(legacy_db) as conn:  # transactional messages: none if rolled back
+        conn.execute("INSERT INTO orders (customer_id, total) VALUES (7, 99)")
+        conn.rollback()
+
+    found = events(legacy_db, slot)
+    created = ("OrderCreated", "order")
+    assert [published(event) for _, event in found] == [
+        (*created, "1", {"id": 1, "customer_id": 7, "total": 10.5}, {"customer": "7"}),
+        (*created, "2", {"id": 2, "customer_id": 8, "total": 20}, {"customer": "8"}),
+        ("OrderApproved", "order", "1", {"id": 1, "status": "APPROVED"}, None),
+        (
+            "OrderDeleted",
+            "order",
+            "2",
+            {"id": 2, "customer_id": 8, "total": 20, "status": "PENDING", "note": "gift"},
+            None,
+        ),
+    ]  # fmt: skip
+    messages = [(raw, event) for raw, event in found if raw["action"] == "M"]
+    assert [event.type for _, event in messages] == ["OrderCreated", "OrderCreated", "OrderDeleted"]
+    for raw, event in messages:
+        assert raw["prefix"] == "walsaga"
+        assert raw["transactional"] is True
+        # The shape walsaga.emit() gives a message.
+        content = json.loads(raw["content"])
+        assert list(content) == ["id", "aggregatetype", "aggregateid", "type", "payload", "headers"]
+        assert uuid.UUID(event.id).version == 4
+        assert event.xid is not None
+    assert len({event.id for _, event in found}) == 4
+    # Only the outbox-mode entry left a row.
+    assert [row[0] for row in outbox(legacy_db)] == ["OrderApproved"]
+
+
+def test_message_mode_needs_no_right_to_emit_messages(
+    legacy_db: str, tmp_path: Path, slot: str, pg_server: Any
+) -> None:
+    deployed(legacy_db, write_spec(tmp_path, 'mode = "message"\n' + ORDER_CREATED))
+    app = f"app_{uuid.uuid4().hex[:8]}"
+    with as_role(pg_server, legacy_db, app, uuid.uuid4().hex) as app_dsn:
+        run(
+            legacy_db,
+            f"GRANT SELECT, INSERT ON orders TO {app}",
+            f"GRANT USAGE ON SEQUENCE orders_id_seq TO {app}",
+            # With the right to emit messages revoked, a role that writes the
+            # table cannot forge events, and its writes are still captured.
+            "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text),"
+            " pg_logical_emit_message(boolean, text, bytea) FROM PUBLIC",
+            "CREATE SCHEMA evil",
+            "CREATE FUNCTION evil.gen_random_uuid() RETURNS uuid LANGUAGE plpgsql"
+            " AS $$ BEGIN RAISE EXCEPTION 'hijacked'; END $$",
+            f"GRANT USAGE ON SCHEMA evil TO {app}",
+        )
+        with psycopg.connect(app_dsn, autocommit=True) as conn:
+            conn.execute("SET search_path = evil, pg_catalog, public")
+            conn.execute("INSERT INTO orders (customer_id, total) VALUES (7, 1)")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT pg_logical_emit_message(true, 'walsaga', '{}')")
+    assert [published(event)[:3] for _, event in events(legacy_db, slot)] == [
+        ("OrderCreated", "order", "1")
+    ]
+
+
+def test_message_mode_refuses_a_write_whose_aggregate_id_is_null(
+    legacy_db: str, tmp_path: Path, slot: str
+) -> None:
+    spec = 'mode = "message"\n' + ORDER_CREATED.replace(
+        'aggregate_id = "id"', 'aggregate_id = "note"'
+    )
+    deployed(legacy_db, write_spec(tmp_path, spec))
+    with pytest.raises(psycopg.errors.NotNullViolation, match='aggregate_id "note" is null'):
+        run(legacy_db, "INSERT INTO orders (customer_id, total) VALUES (7, 1)")
+    run(legacy_db, "INSERT INTO orders (customer_id, total, note) VALUES (7, 1, 'n-1')")
+    assert [event.aggregateid for _, event in events(legacy_db, slot)] == ["n-1"]
+
+
+def test_changing_the_mode_replaces_the_trigger(legacy_db: str, tmp_path: Path) -> None:
+    deployed(legacy_db, write_spec(tmp_path, ORDER_CREATED))
+    result = deployed(legacy_db, write_spec(tmp_path, 'mode = "message"\n' + ORDER_CREATED))
+    assert result.stdout.splitlines()[1:] == ["public.orders → OrderCreated on insert: replaced"]
+    run(legacy_db, "INSERT INTO orders (customer_id, total) VALUES (7, 1)")
+    assert outbox(legacy_db) == []
 
 
 @contextlib.contextmanager
