@@ -41,15 +41,12 @@ from relay.errors import (
     from_psycopg,
 )
 from relay.metrics import LatencyWindow, RelayMetrics
-from relay.routing import Router
+from relay.routing import Record, Router
 from relay.wal2json import (
-    HEARTBEAT,
     HEARTBEAT_PREFIX,
     PLUGIN_OPTIONS,
     CommitTimes,
     DecodeError,
-    OutboxEvent,
-    decode,
     format_lsn,
     parse_lsn,
 )
@@ -439,7 +436,7 @@ class _Session:
         now = time.monotonic()
         self.last_feedback = now
         self.last_data = now
-        self.route = stream.router.route
+        self.record = stream.router.record
         self.produce = producer.produce
         self.next_heartbeat = now + self.settings.heartbeat_interval_s
         self.next_upkeep = now + self.settings.cleanup_interval_s
@@ -448,9 +445,10 @@ class _Session:
         self.published = 0
 
     def _retired(self, group: Group) -> None:
-        latency = time.time() - group.first_commit
-        self.stream._m_latency.observe(latency)
-        self.stream.latencies.add(latency, group.size)
+        if group.first_commit is not None:
+            latency = time.time() - self.commit_times.epoch(group.first_commit)
+            self.stream._m_latency.observe(latency)
+            self.stream.latencies.add(latency, group.size)
         self.stream._m_events.inc(group.size)
         self.stream._m_bytes.inc(group.nbytes)
         self.published += group.size
@@ -498,12 +496,21 @@ class _Session:
             selector.close()
 
     def _read(self) -> int:
-        """Handle what the socket has, up to the budget; return how many messages."""
+        """Handle what the socket has, up to the budget; return how many messages.
+
+        The hot path: one call builds an event's Kafka record
+        (:meth:`~relay.routing.Router.record`) and the event joins the window
+        before it is produced, so its acknowledgement is always counted.
+        """
         pgconn = self.pgconn
         window = self.window
         get_copy_data = pgconn.get_copy_data
         unpack_lsn = _XLOGDATA.unpack_from
-        publish = self._publish
+        record = self.record
+        produce = self.produce
+        event = window.event
+        group: Group | None = None
+        ack: Callable[[Any, Any], None] | None = None
         try:
             pgconn.consume_input()
         except psycopg.OperationalError as e:
@@ -512,9 +519,9 @@ class _Session:
         data_seen = False
         while n < _READ_BUDGET:
             nbytes, data = get_copy_data(1)
-            if nbytes == 0:
-                break
-            if nbytes < 0:
+            if nbytes <= 0:
+                if nbytes == 0:
+                    break
                 self._stream_ended()
             n += 1
             kind = data[0]
@@ -522,14 +529,27 @@ class _Session:
                 data_seen = True
                 lsn = unpack_lsn(data, 1)[0]
                 try:
-                    item = decode(data[25:])
+                    rec = record(data[25:], lsn)
                 except DecodeError as e:
                     self._undecodable(lsn, e)
                     continue
-                if item is None or item is HEARTBEAT:
-                    window.position(lsn)
-                else:
-                    publish(item, lsn)  # type: ignore[arg-type]
+                if type(rec) is not tuple:
+                    window.position(lsn)  # a heartbeat, or nothing to publish
+                    continue
+                topic, value, key, headers, commit_time = rec
+                g = event(lsn, commit_time)
+                if g is not group:
+                    group = g
+                    ack = g.ack
+                g.nbytes += len(value) + len(key)
+                try:
+                    produce(topic, value, key, headers=headers, on_delivery=ack)
+                except BufferError:
+                    self._produce_when_possible(rec, ack)  # type: ignore[arg-type]
+                except KafkaException as e:
+                    raise DeliveryError(
+                        f"cannot produce event {headers.get('id')!r} to {topic!r}: {e}"
+                    ) from e
             elif kind == _K:
                 wal_end, _clock, reply = _KEEPALIVE.unpack_from(data, 1)
                 if wal_end > self.server_wal_end:
@@ -549,22 +569,20 @@ class _Session:
         self.stream.log.error("undecodable message skipped", lsn=format_lsn(lsn), error=str(error))
         self.window.position(lsn)
 
-    def _publish(self, event: OutboxEvent, lsn: int) -> None:
-        commit_time = event.commit_time
-        commit = self.commit_times.epoch(commit_time) if commit_time else time.time()
-        group = self.window.event(lsn, commit)
-        topic, headers = self.route(event, lsn)
-        value = event.payload
-        key = event.aggregateid
-        group.nbytes += len(value) + len(key)
+    def _produce_when_possible(self, rec: Record, ack: Callable[[Any, Any], None]) -> None:
+        """The producer's queue was full: serve acknowledgements until the record fits."""
+        topic, value, key, headers, _ = rec
         while True:
+            self._backpressure()
             try:
-                self.produce(topic, value, key, headers=headers, on_delivery=group.ack)
+                self.produce(topic, value, key, headers=headers, on_delivery=ack)
                 return
             except BufferError:
-                self._backpressure()
+                continue
             except KafkaException as e:
-                raise DeliveryError(f"cannot produce event {event.id} to {topic!r}: {e}") from e
+                raise DeliveryError(
+                    f"cannot produce event {headers.get('id')!r} to {topic!r}: {e}"
+                ) from e
 
     def _backpressure(self) -> None:
         """The producer's queue is full: stop reading, serve acks, keep the server informed."""

@@ -122,7 +122,7 @@ def _event_from_columns(cols: list[dict[str, Any]], xid: int | None, ts: str | N
             c2["value"],
             c3["value"],
             payload.encode() if payload is not None else b"null",
-            orjson.loads(headers_text) if headers_text and headers_text != "{}" else None,
+            _row_headers(headers_text),
             xid,
             ts,
         )
@@ -132,10 +132,7 @@ def _event_from_columns(cols: list[dict[str, Any]], xid: int | None, ts: str | N
 
 def _event_from_row(row: dict[str, Any], xid: int | None, ts: str | None) -> OutboxEvent:
     try:
-        headers_text = row.get("headers")
-        headers = None
-        if headers_text and headers_text != "{}":
-            headers = orjson.loads(headers_text)
+        headers = _row_headers(row.get("headers"))
         payload = row["payload"]
         return OutboxEvent(
             row["id"],
@@ -149,6 +146,15 @@ def _event_from_row(row: dict[str, Any], xid: int | None, ts: str | None) -> Out
         )
     except (KeyError, AttributeError, orjson.JSONDecodeError) as e:
         raise DecodeError(f"outbox row without a usable {e}: {row!r}"[:500]) from e
+
+
+def _row_headers(text: str | None) -> dict[str, Any] | None:
+    if not text or text == "{}":
+        return None
+    headers = orjson.loads(text)
+    if not isinstance(headers, dict):
+        raise DecodeError(f"outbox headers must be a JSON object: {text!r}"[:500])
+    return headers
 
 
 def _event_from_message(msg: dict[str, Any]) -> OutboxEvent:

@@ -31,13 +31,15 @@ class Group:
 
     __slots__ = ("error", "first_commit", "lsn", "nbytes", "pending", "size")
 
-    def __init__(self, lsn: int) -> None:
+    def __init__(self, lsn: int, first_commit: str | None = None) -> None:
         self.lsn = lsn
         self.pending = 0
         self.size = 0
         self.nbytes = 0
         self.error: Any = None
-        self.first_commit = 0.0
+        #: Commit time of the group's first event, as wal2json prints it: parsed
+        #: only when the group retires, not once per event.
+        self.first_commit = first_commit
 
     def ack(self, err: Any, msg: Any) -> None:
         """confluent-kafka delivery callback for every event of this group."""
@@ -66,12 +68,11 @@ class AckWindow:
         """Groups not yet retired."""
         return len(self._groups)
 
-    def event(self, lsn: int, commit_epoch: float) -> Group:
+    def event(self, lsn: int, commit_time: str | None = None) -> Group:
         """Register an event at `lsn`; pass the result's ``ack`` as its delivery callback."""
         group = self._open
         if group is None or group.size >= self._max_group:
-            group = self._open = Group(lsn)
-            group.first_commit = commit_epoch
+            group = self._open = Group(lsn, commit_time)
             self._groups.append(group)
         elif lsn > group.lsn:
             group.lsn = lsn
@@ -116,7 +117,7 @@ class AckWindow:
                 self._on_retired(head)
         return self.confirmable
 
-    def oldest_commit(self) -> float | None:
+    def oldest_commit(self) -> str | None:
         """Commit time of the oldest event still waiting for Kafka, if any."""
         for group in self._groups:
             if group.size:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from relay.config import RelayConfig, load_relay_config
 from relay.errors import ConfigError
@@ -246,3 +248,108 @@ def test_acks_cannot_be_weakened(tmp_path: Path) -> None:
 def test_a_config_needs_a_source() -> None:
     with pytest.raises(Exception, match="source"):
         RelayConfig.model_validate({"kafka": {"bootstrap.servers": "x"}})
+
+
+def expected_record(data: bytes, lsn: int, router: Router) -> object:
+    """What the general path (decode, then route) makes of a message."""
+    event = decode(data)
+    if event is None or event is HEARTBEAT:
+        return event
+    topic, headers = router.route(event, lsn)  # type: ignore[arg-type]
+    return topic, event.payload, event.aggregateid, headers, event.commit_time  # type: ignore[union-attr]
+
+
+def reordered(data: bytes) -> bytes:
+    msg = orjson.loads(data)
+    msg["columns"].reverse()
+    return orjson.dumps(msg)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        insert_message(),
+        insert_message(headers="{}"),
+        insert_message(headers='{"id": "forged", "n": 1, "flag": true, "nested": {"a": [1]}}'),
+        insert_message(headers='{"none": null}'),
+        insert_message(payload="null", aggregateid="ü-7"),
+        insert_message(aggregatetype="bad topic/name"),
+        reordered(insert_message()),
+        orjson.dumps({"action": "M", "xid": 9, "transactional": True, "prefix": "walsaga",
+                      "content": orjson.dumps({"id": "e1", "aggregatetype": "trip",
+                                               "aggregateid": "7", "type": "TripBooked",
+                                               "payload": {"a": 1}}).decode()}),
+        orjson.dumps({"action": "M", "transactional": False, "prefix": "walsaga.heartbeat",
+                      "content": ""}),
+        orjson.dumps({"action": "M", "transactional": True, "prefix": "other", "content": "x"}),
+        orjson.dumps({"action": "I", "xid": 1, "timestamp": "2026-11-22 00:07:53+00",
+                      "schema": "public", "table": "orders", "columns": []}),
+    ],
+)  # fmt: skip
+def test_the_hot_path_builds_the_same_record_as_decode_and_route(data: bytes) -> None:
+    lsn = 0x16B374D848
+    expected = expected_record(data, lsn, Router("{aggregatetype}", "customers"))
+    assert Router("{aggregatetype}", "customers").record(data, lsn) == expected
+
+
+def test_the_hot_path_follows_the_lsn_and_xid_of_each_message() -> None:
+    router = Router("{aggregatetype}-{type}", "src")
+    for lsn, xid in [(0x10, 5), (0x20, 5), (0x1_0000_0030, 6), (0x2_0000_0000, 7), (0x40, 5)]:
+        msg = orjson.loads(insert_message())
+        msg["xid"] = xid
+        data = orjson.dumps(msg)
+        record = router.record(data, lsn)
+        assert record == expected_record(data, lsn, Router("{aggregatetype}-{type}", "src"))
+        assert record[3]["lsn"] == format_lsn(lsn)  # type: ignore[index]
+        assert record[3]["xid"] == str(xid)  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        insert_message(headers="[1, 2]"),
+        insert_message(headers='"text"'),
+        orjson.dumps({"action": "M", "prefix": "walsaga", "content": '{"id": "x"}'}),
+    ],
+)
+def test_the_hot_path_rejects_what_decode_rejects(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        decode(data)
+    with pytest.raises(DecodeError):
+        Router("{aggregatetype}", "src").record(data, 1)
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    aggregatetype=st.text(min_size=1),
+    aggregateid=st.text(),
+    type_=st.text(),
+    payload=json_values,
+    headers=st.dictionaries(st.text(), json_values, max_size=4),
+    lsn=st.integers(min_value=0, max_value=2**64 - 1),
+)
+def test_the_hot_path_agrees_with_decode_and_route_on_any_row(
+    aggregatetype: str, aggregateid: str, type_: str, payload: object, headers: object, lsn: int
+) -> None:
+    data = insert_message(
+        aggregatetype=aggregatetype,
+        aggregateid=aggregateid,
+        type=type_,
+        payload=orjson.dumps(payload).decode(),
+        headers=orjson.dumps(headers).decode(),
+    )
+    template = "{aggregatetype}.{type}"
+    expected = expected_record(data, lsn, Router(template, "s"))
+    assert Router(template, "s").record(data, lsn) == expected
