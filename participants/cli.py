@@ -88,3 +88,90 @@ def participant(config_path: Path) -> None:
     logs.configure(settings.log_level, settings.log_format)
     http = (settings.http_host, settings.http_port) if settings.http_port is not None else None
     raise SystemExit(run_until_signalled(build(config), http=http))
+
+
+@main.command("order-service")
+@click.option(
+    "--dsn",
+    envvar="WALSAGA_DSN",
+    required=True,
+    help="The order service's database (env WALSAGA_DSN).",
+)
+@click.option(
+    "--bootstrap-servers",
+    envvar="WALSAGA_BOOTSTRAP_SERVERS",
+    required=True,
+    help="Kafka bootstrap servers (env WALSAGA_BOOTSTRAP_SERVERS).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["choreography", "orchestration"]),
+    envvar="WALSAGA_MODE",
+    required=True,
+    help="Which variant of the create-order saga runs (env WALSAGA_MODE).",
+)
+@click.option("--host", envvar="WALSAGA_HOST", default="127.0.0.1", show_default=True)
+@click.option("--port", envvar="WALSAGA_PORT", type=int, default=8080, show_default=True)
+@click.option(
+    "--customers-dsn",
+    envvar="WALSAGA_CUSTOMERS_DSN",
+    help="Read-only customer directory: unknown customers get 422 at once "
+    "(without it, their orders end REJECTED by the saga).",
+)
+@click.option(
+    "--max-wait",
+    "max_wait_s",
+    type=click.FloatRange(min=0),
+    envvar="WALSAGA_MAX_WAIT_S",
+    default=60.0,
+    show_default=True,
+    help="Longest ?wait= a request may ask for, in seconds.",
+)
+@click.option(
+    "--log-level",
+    envvar="WALSAGA_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+@click.option(
+    "--log-format",
+    envvar="WALSAGA_LOG_FORMAT",
+    type=click.Choice(["console", "json"]),
+    default="console",
+    show_default=True,
+)
+def order_service(
+    dsn: str,
+    bootstrap_servers: str,
+    mode: str,
+    host: str,
+    port: int,
+    customers_dsn: str | None,
+    max_wait_s: float,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run the example order service: its HTTP API (orders, events, webhooks,
+    /healthz, /metrics) and its part in the create-order saga."""
+    from participants.examples import order_service as service
+
+    logs.configure(log_level, log_format)
+    settings = service.OrderServiceSettings(
+        dsn=dsn,
+        bootstrap_servers=bootstrap_servers,
+        mode="orchestration" if mode == "orchestration" else "choreography",
+        customers_dsn=customers_dsn,
+        max_wait_s=max_wait_s,
+    )
+    try:
+        installed = service.ensure_installed(dsn)
+    except WalsagaError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(EXIT_ERROR) from None
+    if installed:
+        click.echo(f"installed: {', '.join(installed)}", err=True)
+    failure = service.serve(settings, host=host, port=port, log_level=log_level)
+    if failure is not None:
+        click.echo(f"error: {failure}", err=True)
+        raise SystemExit(EXIT_ERROR)

@@ -3,6 +3,9 @@ the legacy customer service (declarative handlers) and the order service."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -12,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 
 from participants import declarative
+from participants.embedded import free_port
 from participants.examples import customers, orders
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
-from tests.support import RelayProcess, create_topics, wait_until
+from tests.support import WALSAGA, RelayProcess, create_topics, wait_until
 
 TOPICS = [orders.ORDER_TOPIC, orders.CUSTOMER_TOPIC, orders.CUSTOMER_COMMANDS]
 
@@ -175,3 +180,105 @@ def running_shop(
         yield shop
     finally:
         shop.close()
+
+
+@dataclass
+class OrderServiceProcess:
+    """`walsaga order-service` in a subprocess, its log captured to a file."""
+
+    args: list[str]
+    log: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def launch(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [WALSAGA, "order-service", *self.args, "--host", "127.0.0.1",
+                 "--port", str(self.port)],
+                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
+            )  # fmt: skip
+
+    def healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_healthy(self, timeout_s: float = 60) -> None:
+        def up() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, (
+                f"order service exited; log:\n{self.read_log()[-3000:]}")  # fmt: skip
+            return self.healthy()
+
+        wait_until(up, timeout_s=timeout_s, interval_s=0.1, what="order service healthy")
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        """SIGTERM, and the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@contextmanager
+def running_order_service(
+    tmp_path: Path,
+    make_database: Any,
+    broker: str,
+    mode: orders.Mode,
+    *,
+    credit: dict[str, float] | None = None,
+    customer_directory: bool = False,
+) -> Iterator[tuple[Shop, OrderServiceProcess]]:
+    """The shop with its order service as a process (`walsaga order-service`)
+    serving HTTP; the customer service runs in a thread as in :func:`running_shop`.
+
+    The order service installs its own tables. With `customer_directory`, it
+    is given the customer database as its directory of customers.
+    """
+    orders_dsn = make_database("orders")
+    customers_dsn = make_database("customers")
+    with psycopg.connect(customers_dsn) as conn:
+        customers.install(conn, credit or {"c1": 100.0, "c2": 1000.0})
+    create_topics(broker, TOPICS, partitions=4)
+    args = ["--dsn", orders_dsn, "--bootstrap-servers", broker, "--mode", mode]
+    if customer_directory:
+        args += ["--customers-dsn", customers_dsn]
+    service = OrderServiceProcess(args, tmp_path / "order-service.log", free_port())
+    service.launch()
+    relay: RelayProcess | None = None
+    shop: Shop | None = None
+    try:
+        service.wait_healthy()  # it installs the outbox the relay reads
+        relay = RelayProcess.start(
+            tmp_path,
+            bootstrap=broker,
+            sources={"orders": orders_dsn, "customers": customers_dsn},
+            name=f"relay-{uuid.uuid4().hex[:6]}",
+        )
+        shop = Shop(orders_dsn, customers_dsn, broker, mode, relay, None)
+        relay.wait_streaming("orders")
+        relay.wait_streaming("customers")
+        shop.start_participant("customer-service")
+        shop.wait_ready()
+        time.sleep(0.2)
+        yield shop, service
+    finally:
+        service.kill()
+        if shop is not None:
+            shop.close()
+        elif relay is not None:
+            relay.kill()

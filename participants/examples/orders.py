@@ -9,7 +9,10 @@
 
 An order is ``PENDING`` until its saga ends: that state is the semantic lock
 other readers respect (a pending order's credit is not yet settled).
-Every change of an order's status is announced with ``NOTIFY walsaga_order``.
+Every change of an order's status is announced with ``NOTIFY walsaga_order``;
+an order created with a webhook URL gets its call queued in
+``webhook_deliveries`` by the same transaction that settles it (the order
+service process, :mod:`participants.examples.order_service`, sends it).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Literal
 
 import orjson
 import psycopg
+from psycopg.types.json import Jsonb
 
 from participants.handlers import HandlerContext, publish
 from participants.message import Message
@@ -42,6 +46,24 @@ CREATE TABLE IF NOT EXISTS orders (
     created_at  timestamptz   NOT NULL DEFAULT now(),
     updated_at  timestamptz   NOT NULL DEFAULT now()
 );
+
+-- Webhook calls of settled orders, queued by the transaction that settles the
+-- order so that none is lost, and sent (at least once) by the order service.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    order_id        text        NOT NULL REFERENCES orders (id),
+    url             text        NOT NULL,
+    payload         jsonb       NOT NULL,
+    status          text        NOT NULL DEFAULT 'PENDING'
+                                CHECK (status IN ('PENDING', 'DELIVERED', 'FAILED')),
+    attempts        integer     NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL DEFAULT now(),
+    last_error      text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
+    WHERE status = 'PENDING';
 """
 
 ORDER_TOPIC = "order"
@@ -100,11 +122,19 @@ def _settle(
     """Move a PENDING order to `status`; False when it was settled already."""
     row = conn.execute(
         "UPDATE orders SET status = %s, reason = %s, updated_at = now() "
-        "WHERE id = %s AND status = 'PENDING' RETURNING id",
+        "WHERE id = %s AND status = 'PENDING' "
+        "RETURNING id, customer_id, total, status, reason, webhook_url",
         (status, reason, order_id),
     ).fetchone()
     if row is None:
         return False
+    columns = ("id", "customer_id", "total", "status", "reason", "webhook_url")
+    settled = dict(zip(columns, row, strict=True))
+    if settled["webhook_url"] is not None:
+        conn.execute(
+            "INSERT INTO webhook_deliveries (order_id, url, payload) VALUES (%s, %s, %s)",
+            (order_id, settled["webhook_url"], Jsonb(order_json(settled))),
+        )
     _notify(conn, order_id, status)
     return True
 
