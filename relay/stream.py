@@ -509,20 +509,27 @@ class _Session:
         record = self.record
         produce = self.produce
         event = window.event
+        consume_input = self._consume_input
         group: Group | None = None
         ack: Callable[[Any, Any], None] | None = None
-        try:
-            pgconn.consume_input()
-        except psycopg.OperationalError as e:
-            raise TransientError(f"replication connection lost: {e}") from e
+        consume_input()
         n = 0
         data_seen = False
+        refilled = False
         while n < _READ_BUDGET:
             nbytes, data = get_copy_data(1)
             if nbytes <= 0:
-                if nbytes == 0:
+                if nbytes < 0:
+                    self._stream_ended()
+                # While Postgres keeps sending, keep reading: each turn of the
+                # loop costs system calls and bookkeeping, better spread over
+                # many messages.
+                if refilled or not data_seen:
                     break
-                self._stream_ended()
+                refilled = True
+                consume_input()
+                continue
+            refilled = False
             n += 1
             kind = data[0]
             if kind == _W:
@@ -561,6 +568,12 @@ class _Session:
             window.seal()
             self.last_data = time.monotonic()
         return n
+
+    def _consume_input(self) -> None:
+        try:
+            self.pgconn.consume_input()
+        except psycopg.OperationalError as e:
+            raise TransientError(f"replication connection lost: {e}") from e
 
     def _undecodable(self, lsn: int, error: DecodeError) -> None:
         # Not an event we can publish, and retrying cannot change that: say so
