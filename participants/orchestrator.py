@@ -34,7 +34,9 @@ log = structlog.get_logger("walsaga.orchestrator")
 NOTIFY_CHANNEL = "walsaga_saga"
 
 _LOG_INSERT = "INSERT INTO walsaga.saga_log (saga_id, kind, step, detail) VALUES (%s, %s, %s, %s)"
-_COLUMNS = "id, definition, version, status, step, completed, attempt, data, deadline, reason"
+_COLUMNS = (
+    "id, definition, version, status, step, completed, attempt, data, deadline, reason, refusals"
+)
 
 
 def _epoch(ts: datetime | None) -> float | None:
@@ -57,6 +59,7 @@ def _state(row: tuple[Any, ...]) -> SagaState:
         data=row[7],
         deadline=_epoch(row[8]),
         reason=row[9],
+        refusals=row[10],
     )
 
 
@@ -108,7 +111,7 @@ class Orchestrator:
         conn.execute(
             f"""
             INSERT INTO walsaga.saga ({_COLUMNS})
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
             """,
             self._row(state),
         )
@@ -237,6 +240,7 @@ class Orchestrator:
             Jsonb(s.data),
             _ts(s.deadline),
             s.reason,
+            s.refusals,
         )
 
     def _save(self, conn: psycopg.Connection[Any], old: SagaState, new: SagaState) -> None:
@@ -246,7 +250,7 @@ class Orchestrator:
             """
             UPDATE walsaga.saga
             SET status = %s, step = %s, completed = %s, attempt = %s, data = %s,
-                deadline = %s, reason = %s, updated_at = now(),
+                deadline = %s, reason = %s, refusals = %s, updated_at = now(),
                 ended_at = CASE WHEN %s THEN now() END
             WHERE id = %s
             """,
@@ -258,6 +262,7 @@ class Orchestrator:
                 Jsonb(new.data),
                 _ts(new.deadline),
                 new.reason,
+                new.refusals,
                 new.status in machine.TERMINAL,
                 new.id,
             ),

@@ -147,6 +147,9 @@ class SagaState:
     data: Data
     deadline: float | None = None  # epoch seconds
     reason: str | None = None
+    #: Explicit refusals of the current compensation: each retry after one is
+    #: a new request (a new idempotency key), unlike a resend after silence.
+    refusals: int = 0
 
 
 # -- effects -------------------------------------------------------------------
@@ -189,8 +192,11 @@ class Reply:
 # -- transitions ---------------------------------------------------------------
 
 
-def idempotency_key(saga_id: str, step: str, *, compensation: bool = False) -> str:
-    return f"{saga_id}/{step}/{'compensate' if compensation else 'do'}"
+def idempotency_key(
+    saga_id: str, step: str, *, compensation: bool = False, refusals: int = 0
+) -> str:
+    key = f"{saga_id}/{step}/{'compensate' if compensation else 'do'}"
+    return f"{key}/{refusals}" if refusals else key
 
 
 def start(
@@ -237,7 +243,8 @@ def on_reply(
             # Try again after the backoff: the deadline is the retry timer.
             policy = step.compensation_retry
             wait = max(policy.backoff(state.attempt + 1), policy.backoff_s)
-            return dataclasses.replace(state, deadline=now + wait), effects
+            state = dataclasses.replace(state, deadline=now + wait, refusals=state.refusals + 1)
+            return state, effects
     effects.append(Log("IGNORED", step.name, {**detail, "why": "not expected by this step"}))
     return state, effects
 
@@ -315,7 +322,7 @@ def _enter_step(
         effects.append(Log(COMPLETED, None, {}))
         return dataclasses.replace(state, status=COMPLETED, step=index, deadline=None, attempt=0)
     step = definition.steps[index]
-    state = dataclasses.replace(state, step=index, attempt=1)
+    state = dataclasses.replace(state, step=index, attempt=1, refusals=0)
     if step.action is not None:
         effects.append(RunLocal(step.name, step.action, compensation=False))
         return dataclasses.replace(state, deadline=None)
@@ -357,7 +364,9 @@ def _command(
         "saga_id": state.id,
         "saga_type": definition.name,
         "saga_step": step.name,
-        "idempotency_key": idempotency_key(state.id, step.name, compensation=compensation),
+        "idempotency_key": idempotency_key(
+            state.id, step.name, compensation=compensation, refusals=state.refusals
+        ),
     }
     if compensation:
         headers["compensates"] = idempotency_key(state.id, step.name)
@@ -391,5 +400,5 @@ def _next_compensation(
     if index < 0:
         effects.append(Log(COMPENSATED, None, {"reason": state.reason}))
         return dataclasses.replace(state, status=COMPENSATED, step=0, deadline=None, attempt=0)
-    state = dataclasses.replace(state, step=index, attempt=1)
+    state = dataclasses.replace(state, step=index, attempt=1, refusals=0)
     return _send_compensation(definition, state, now, effects)

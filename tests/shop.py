@@ -3,7 +3,9 @@ the legacy customer service (declarative handlers) and the order service."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import signal
 import subprocess
 import threading
@@ -23,9 +25,26 @@ from participants.embedded import free_port
 from participants.examples import customers, orders
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
+from participants.saga import SagaDefinition
 from tests.support import WALSAGA, RelayProcess, create_topics, wait_until
 
 TOPICS = [orders.ORDER_TOPIC, orders.CUSTOMER_TOPIC, orders.CUSTOMER_COMMANDS]
+
+
+class SimulatedCrash(BaseException):
+    """Ends a participant's loop like a kill: nothing after it runs, nothing commits."""
+
+
+def crash_after_handling(participant: Participant, probability: float, seed: int = 11) -> None:
+    rng = random.Random(seed)
+    for i, route in enumerate(participant.routes):
+
+        def handler(ctx: Any, message: Any, inner: Any = route.handler) -> None:
+            inner(ctx, message)
+            if rng.random() < probability:
+                raise SimulatedCrash
+
+        participant.routes[i] = dataclasses.replace(route, handler=handler)
 
 
 @dataclass
@@ -38,9 +57,14 @@ class Shop:
     orchestrator: Orchestrator | None
     participants: dict[str, Participant] = field(default_factory=dict)
     threads: dict[str, threading.Thread] = field(default_factory=dict)
+    crashes: int = 0
 
-    def start_participant(self, name: str) -> Participant:
-        """(Re)start one of the two services in a thread of its own."""
+    def start_participant(self, name: str, *, crash_probability: float = 0.0) -> Participant:
+        """(Re)start one of the two services in a thread of its own.
+
+        With `crash_probability`, each handled record may kill the service
+        after its handler ran and before the transaction commits.
+        """
         kafka = {"bootstrap.servers": self.broker}
         if name == "customer-service":
             participant = declarative.build(customers.config(self.customers_dsn, self.broker))
@@ -48,11 +72,27 @@ class Shop:
             participant = orders.participant(
                 dsn=self.orders_dsn, kafka=kafka, mode=self.mode, orchestrator=self.orchestrator
             )
-        thread = threading.Thread(target=participant.run, name=name, daemon=True)
+        if crash_probability:
+            crash_after_handling(participant, crash_probability, seed=self.crashes * 31 + len(name))
+
+        def run() -> None:
+            try:
+                participant.run()
+            except SimulatedCrash:
+                self.crashes += 1
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
         thread.start()
         self.participants[name] = participant
         self.threads[name] = thread
         return participant
+
+    def restart_crashed(self, crash_probability: float = 0.0) -> int:
+        """Start again every service whose thread died; returns how many."""
+        dead = [n for n, t in self.threads.items() if not t.is_alive()]
+        for name in dead:
+            self.start_participant(name, crash_probability=crash_probability)
+        return len(dead)
 
     def stop_participant(self, name: str) -> None:
         self.participants[name].stop()
@@ -151,6 +191,8 @@ def running_shop(
     mode: orders.Mode,
     *,
     credit: dict[str, float] | None = None,
+    definition: SagaDefinition | None = None,
+    crash_probability: float = 0.0,
 ) -> Iterator[Shop]:
     orders_dsn = make_database("orders")
     customers_dsn = make_database("customers")
@@ -168,13 +210,15 @@ def running_shop(
         sources={"orders": orders_dsn, "customers": customers_dsn},
         name=f"relay-{uuid.uuid4().hex[:6]}",
     )
-    orchestrator = orders.orchestrator() if mode == "orchestration" else None
+    orchestrator = (
+        orders.orchestrator(definition or orders.CREATE_ORDER) if mode == "orchestration" else None
+    )
     shop = Shop(orders_dsn, customers_dsn, broker, mode, relay, orchestrator)
     try:
         relay.wait_streaming("orders")
         relay.wait_streaming("customers")
-        shop.start_participant("customer-service")
-        shop.start_participant("order-service")
+        shop.start_participant("customer-service", crash_probability=crash_probability)
+        shop.start_participant("order-service", crash_probability=crash_probability)
         shop.wait_ready()
         time.sleep(0.2)
         yield shop

@@ -121,6 +121,10 @@ def test_a_compensation_that_keeps_failing_ends_failed_never_compensated() -> No
         state, effects = saga.on_timeout(defn, state, now=state.deadline)  # type: ignore[arg-type]
         assert sent(effects) == ["UndoA"]
         assert state.attempt == attempt + 1
+        # A refused request was handled: the retry is a new request, not a copy.
+        again = next(e for e in effects if isinstance(e, SendCommand))
+        assert again.headers["idempotency_key"] == f"s1/A/compensate/{attempt}"
+        assert again.headers["compensates"] == "s1/A/do"
     state, effects = saga.on_reply(defn, state, reply("AUndoRefused"), now=9)
     state, effects = saga.on_timeout(defn, state, now=state.deadline)  # type: ignore[arg-type]
     assert state.status == saga.FAILED

@@ -15,6 +15,7 @@ CREATE TABLE walsaga.saga (
     step        int         NOT NULL,   -- index of the step in progress
     completed   int         NOT NULL DEFAULT 0,  -- how many steps succeeded
     attempt     int         NOT NULL DEFAULT 0,  -- attempt of the current step's command
+    refusals    int         NOT NULL DEFAULT 0,  -- explicit refusals of the current compensation
     data        jsonb       NOT NULL,
     deadline    timestamptz,            -- when the current command times out
     reason      text,                   -- why it compensated or failed
