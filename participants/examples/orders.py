@@ -1,8 +1,10 @@
 """The order service: orders that need the customer's credit, in two variants.
 
 - choreography: creating an order publishes ``OrderCreated``; the customer
-  service reserves credit or refuses, and this service approves or rejects
-  the order when it sees ``CreditReserved`` or a refusal;
+  service holds credit (``CreditReserved``) or refuses; on a hold this
+  service publishes ``OrderAccepted``, the customer service makes the hold
+  permanent (``CreditConfirmed``, or ``CreditConfirmationFailed`` when it
+  expired first), and the order is approved, or rejected on any refusal;
 - orchestration: creating an order starts the ``create-order`` saga, which
   sends ``ReserveCredit`` and ``ConfirmCredit`` to the customer service and
   approves the order, or rejects it and releases the credit on failure.
@@ -70,7 +72,12 @@ ORDER_TOPIC = "order"
 CUSTOMER_TOPIC = "customer"
 CUSTOMER_COMMANDS = "customer-commands"
 
-REFUSALS = ("CreditLimitExceeded", "CreditReservationFailed", "CreditReservationExpired")
+REFUSALS = (
+    "CreditLimitExceeded",
+    "CreditReservationFailed",
+    "CreditReservationExpired",
+    "CreditConfirmationFailed",
+)
 
 
 def order_json(row: dict[str, Any]) -> dict[str, Any]:
@@ -241,18 +248,28 @@ def participant(
         orchestrator.attach(service)
         return service
 
+    # A reservation is only a hold: ask for it to be made permanent, and
+    # approve the order once it is (a hold that expired meanwhile refuses).
     @service.on(CUSTOMER_TOPIC, "CreditReserved")
     def credit_reserved(ctx: HandlerContext, message: Message) -> None:
         order_id = message.field("order_id")
-        if approve(ctx.conn, order_id):
-            order = ctx.execute("SELECT customer_id, total FROM orders WHERE id = %s", (order_id,))
-            customer_id, total = order.fetchone()  # type: ignore[misc]
+        row = ctx.execute(
+            "SELECT customer_id, total FROM orders WHERE id = %s AND status = 'PENDING'",
+            (order_id,),
+        ).fetchone()
+        if row is not None:
             ctx.publish(
                 ORDER_TOPIC,
                 order_id,
-                "OrderApproved",
-                {"order_id": order_id, "customer_id": customer_id, "total": float(total)},
+                "OrderAccepted",
+                {"order_id": order_id, "customer_id": row[0], "total": float(row[1])},
             )
+
+    @service.on(CUSTOMER_TOPIC, "CreditConfirmed")
+    def credit_confirmed(ctx: HandlerContext, message: Message) -> None:
+        order_id = message.field("order_id")
+        if approve(ctx.conn, order_id):
+            ctx.publish(ORDER_TOPIC, order_id, "OrderApproved", {"order_id": order_id})
 
     for refusal in REFUSALS:
 
