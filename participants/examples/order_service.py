@@ -832,11 +832,13 @@ def ensure_installed(dsn: str) -> list[str]:
         raise from_psycopg(e, "cannot connect to the order service's database") from e
     with conn:
         with conn.transaction():
-            missing = [f"walsaga {c} schema" for c in ("core", "saga") if schema.pending(conn, c)]
+            missing = [
+                f"the walsaga {c} schema" for c in ("core", "saga") if schema.pending(conn, c)
+            ]
             for table in ("orders", "webhook_deliveries"):
                 row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (table,)).fetchone()
                 if not (row and row[0]):
-                    missing.append(f"table {table}")
+                    missing.append(f"the {table} table")
         if not missing:
             return []
         try:
