@@ -6,11 +6,12 @@ import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import click
 
 from participants.declarative import build, load_participant_config
+from participants.examples.travel.services import SERVICES
 from participants.runtime import Participant
 from relay import logs
 from relay.cli import EXIT_ERROR, deploy, relay
@@ -88,6 +89,68 @@ def participant(config_path: Path) -> None:
     logs.configure(settings.log_level, settings.log_format)
     http = (settings.http_host, settings.http_port) if settings.http_port is not None else None
     raise SystemExit(run_until_signalled(build(config), http=http))
+
+
+@main.command("travel-service")
+@click.option(
+    "--service",
+    type=click.Choice(SERVICES),
+    required=True,
+    help="Which service of the travel booking example to run.",
+)
+@click.option("--dsn", required=True, help="The service's own database.")
+@click.option(
+    "--bootstrap-servers", default="127.0.0.1:9092", show_default=True, help="Kafka brokers."
+)
+@click.option(
+    "--install",
+    "install_first",
+    is_flag=True,
+    help="Create the service's tables and walsaga objects first (idempotent).",
+)
+@click.option(
+    "--name",
+    default=None,
+    help="Participant name: its consumer group and inbox consumer. [default: SERVICE-service]",
+)
+@click.option("--http-port", type=int, default=None, help="Serve /healthz and /metrics.")
+@click.option("--http-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def travel_service(
+    service: str,
+    dsn: str,
+    bootstrap_servers: str,
+    install_first: bool,
+    name: str | None,
+    http_port: int | None,
+    http_host: str,
+    log_level: str,
+) -> None:
+    """Run one service of the travel booking example (docs/travel.md)."""
+    import psycopg
+
+    from participants.examples import travel
+
+    logs.configure(log_level, "console")
+    which = cast(travel.ServiceName, service)
+    settings = {"name": name} if name else {}
+    try:
+        if install_first:
+            with psycopg.connect(dsn) as conn:
+                travel.install(which, conn)
+        participant = travel.service(
+            which, dsn=dsn, bootstrap_servers=bootstrap_servers, **settings
+        )
+    except (WalsagaError, psycopg.Error) as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(EXIT_ERROR) from None
+    http = (http_host, http_port) if http_port is not None else None
+    raise SystemExit(run_until_signalled(participant, http=http))
 
 
 @main.command("order-service")
