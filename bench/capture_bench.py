@@ -2,21 +2,25 @@
 
 Starts its own durable Postgres cluster (default settings) under /tmp, creates
 a legacy-style ``orders`` table, and alternates pgbench runs on that same
-table: plain, then with the trigger ``walsaga deploy`` installs from a spec
-(dropped again with ``--drop`` before the next plain run). Runs come in
-pairs, half of them plain first and half captured first, because each run
-pays for the autovacuum work the previous one left (a captured run leaves
-outbox rows to vacuum too). Prints every run, the mean tps of each
-configuration and their ratio, and the backend CPU time of one INSERT
-transaction with and without the trigger (which other load on the machine
-does not skew).
+table in three configurations: plain; with the trigger ``walsaga deploy``
+installs from a spec in outbox mode (a row of ``walsaga.outbox`` per event);
+with the same spec in message mode (a logical message per event, no row).
+Between runs the spec is deployed in the next mode, or dropped with
+``--drop`` for a plain run. A round runs each configuration once, and the
+rounds go through every order of the three, because each run pays for the
+autovacuum work the previous one left (an outbox-mode run leaves outbox rows
+to vacuum too) and the machine's speed drifts. Prints every run, the mean tps
+of each configuration and its ratio to the plain table's, and the backend CPU
+time and WAL of one INSERT transaction in each configuration (CPU time, unlike
+tps, is barely skewed by other load on the machine).
 
-    .venv/bin/python bench/capture_bench.py [--clients 4] [--duration-s 10] [--rounds 3]
+    .venv/bin/python bench/capture_bench.py [--clients 4] [--duration-s 10] [--rounds 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import shutil
 import statistics
@@ -60,6 +64,12 @@ PGBENCH_SCRIPT = """
 INSERT INTO orders (customer_id, total) VALUES (:customer, :cents / 100.0);
 """
 
+# The configurations compared: no trigger, then the spec in each mode.
+CONFIGURATIONS = ("plain", "outbox", "message")
+ORDERS = tuple(itertools.permutations(CONFIGURATIONS))
+LABELS = {"plain": "plain table", "outbox": "outbox mode", "message": "message mode"}
+CPU_SAMPLE_INSERTS = 2000
+
 _TPS_RE = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 
 
@@ -88,11 +98,12 @@ def pgbench(cluster: LocalPostgres, script: Path, *, clients: int, duration_s: i
     return float(m.group(1))
 
 
-def backend_cpu_us(dsn: str, *, inserts: int) -> float:
-    """CPU time one backend spends per single-row INSERT transaction, in microseconds.
+def backend_cost(dsn: str, *, inserts: int) -> tuple[float, float]:
+    """CPU time (µs) and WAL (bytes) of one single-row INSERT transaction in one backend.
 
-    Read from /proc/PID/schedstat, so it does not depend on what else runs on
-    the machine; commits are asynchronous here to leave the disk out.
+    CPU time is read from /proc/PID/schedstat, so it does not depend on what
+    else runs on the machine; commits are asynchronous here to leave the disk
+    out. The WAL includes full-page images as they come.
     """
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SET synchronous_commit = off")
@@ -102,11 +113,14 @@ def backend_cpu_us(dsn: str, *, inserts: int) -> float:
         query = "INSERT INTO orders (customer_id, total) VALUES (%s, %s)"
         for i in range(200):  # warm the caches and the prepared statement
             conn.execute(query, (i, i), prepare=True)
+        wal_from = conn.execute("SELECT pg_current_wal_insert_lsn()").fetchone()
         before = int(schedstat.read_text().split()[0])
         for i in range(inserts):
             conn.execute(query, (i, i), prepare=True)
         after = int(schedstat.read_text().split()[0])
-    return (after - before) / inserts / 1000
+        wal = conn.execute("SELECT pg_current_wal_insert_lsn() - %s", wal_from).fetchone()
+        assert wal is not None
+    return (after - before) / inserts / 1000, float(wal[0]) / inserts
 
 
 def main() -> int:
@@ -114,13 +128,21 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration-s", type=int, default=10)
     parser.add_argument(
-        "--rounds", type=int, default=6, help="plain/captured pairs measured (even)"
+        "--rounds",
+        type=int,
+        default=6,
+        help="rounds of one run per configuration (a multiple of 6: every order equally often)",
     )
     parser.add_argument("--warmup-s", type=int, default=3)
+    parser.add_argument(
+        "--cpu-samples", type=int, default=18, help="backend CPU samples per configuration"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the cluster's directory")
     args = parser.parse_args()
-    if args.rounds % 2:
-        parser.error("--rounds must be even: as many pairs start plain as start captured")
+    if args.rounds % len(ORDERS):
+        parser.error(f"--rounds must be a multiple of {len(ORDERS)}: every order runs as often")
+    if args.cpu_samples < 2:
+        parser.error("--cpu-samples must be at least 2")
 
     base = Path(tempfile.mkdtemp(prefix="walsaga-bench-", dir="/tmp"))
     base.chmod(0o755)
@@ -129,58 +151,81 @@ def main() -> int:
         cluster.start()
         dsn = cluster.create_database("bench")
         spec_path = base / "capture.toml"
-        spec_path.write_text(SPEC)
-        spec = load_spec(spec_path)
         script = base / "insert.sql"
         script.write_text(PGBENCH_SCRIPT)
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(LEGACY_TABLE)
-            # The schema is there in both configurations; only the trigger differs.
+            # The schema is there in every configuration; only the trigger differs.
             deploy.deploy(conn)
 
-        def configure(captured: bool) -> None:
+        def configure(configuration: str) -> None:
+            # One spec file, so deploying the other mode replaces the trigger.
+            mode = "outbox" if configuration == "plain" else configuration
+            spec_path.write_text(f'mode = "{mode}"\n{SPEC}')
+            spec = load_spec(spec_path)
             with psycopg.connect(dsn) as conn:
-                if captured:
-                    deploy.deploy(conn, spec)
-                else:
+                if configuration == "plain":
                     deploy.drop(conn, spec)
+                else:
+                    deploy.deploy(conn, spec)
 
-        def run(captured: bool, duration_s: int) -> float:
-            configure(captured)
+        def run(configuration: str, duration_s: int) -> float:
+            configure(configuration)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute("CHECKPOINT")
             return pgbench(cluster, script, clients=args.clients, duration_s=duration_s)
 
-        run(False, args.warmup_s)
-        run(True, args.warmup_s)
-        cpu: dict[bool, list[float]] = {False: [], True: []}
-        results: dict[bool, list[float]] = {False: [], True: []}
+        for configuration in CONFIGURATIONS:
+            run(configuration, args.warmup_s)
+        tps: dict[str, list[float]] = {c: [] for c in CONFIGURATIONS}
         for i in range(args.rounds):
-            # Alternate which goes first, so a drift over time, and the
-            # autovacuum work a run leaves to the next, hit both alike.
-            for captured in (False, True) if i % 2 == 0 else (True, False):
-                tps = run(captured, args.duration_s)
-                results[captured].append(tps)
-                name = "captured" if captured else "plain"
-                print(f"round {i + 1} {name:>8}: {tps:10.1f} tps", flush=True)
-            print(f"round {i + 1}    ratio: {results[True][-1] / results[False][-1]:10.3f}")
-        for captured in (False, True, False, True, False, True):
-            configure(captured)
-            cpu[captured].append(backend_cpu_us(dsn, inserts=5000))
+            # Every order of the three in turn, so a drift over time, and the
+            # autovacuum work a run leaves to the next, hit each alike.
+            for configuration in ORDERS[i % len(ORDERS)]:
+                tps[configuration].append(run(configuration, args.duration_s))
+                print(f"round {i + 1} {configuration:>8}: {tps[configuration][-1]:10.1f} tps")
+            ratios = "  ".join(
+                f"{c} {tps[c][-1] / tps['plain'][-1]:.3f}" for c in CONFIGURATIONS[1:]
+            )
+            print(f"round {i + 1}    ratio: {ratios}", flush=True)
 
-        plain, captured = statistics.mean(results[False]), statistics.mean(results[True])
+        # Each sample measures the three back to back: the trigger's extra CPU is
+        # the median of the differences within a sample, which the machine's
+        # other load (slower cores while it runs) skews far less than the
+        # difference of the medians.
+        cpu: dict[str, list[float]] = {c: [] for c in CONFIGURATIONS}
+        wal: dict[str, list[float]] = {c: [] for c in CONFIGURATIONS}
+        for i in range(args.cpu_samples):
+            for configuration in ORDERS[i % len(ORDERS)]:
+                configure(configuration)
+                cpu_us, wal_bytes = backend_cost(dsn, inserts=CPU_SAMPLE_INSERTS)
+                cpu[configuration].append(cpu_us)
+                wal[configuration].append(wal_bytes)
+
         print(
             f"\nsingle-row INSERT transactions, pgbench -M prepared, {args.clients} clients, "
             f"{args.rounds} x {args.duration_s} s per configuration"
         )
-        print(f"plain table:            {plain:10.1f} tps (mean)")
-        print(f"with capture:           {captured:10.1f} tps (mean)")
-        print(f"ratio:                  {captured / plain:10.3f}  (target >= 0.85)")
-        plain_us, captured_us = statistics.median(cpu[False]), statistics.median(cpu[True])
         print(
-            f"backend CPU per INSERT: {plain_us:10.1f} us plain, {captured_us:.1f} us captured "
-            f"(+{captured_us - plain_us:.1f} us)"
+            f"backend CPU and WAL per INSERT: medians of {args.cpu_samples} samples of "
+            f"{CPU_SAMPLE_INSERTS}; extra CPU: median of the differences to the plain table "
+            "within a sample, with their interquartile range"
         )
+        header = f"{'':14} {'tps (mean)':>10} {'ratio':>7}   {'backend CPU per INSERT':<32} WAL"
+        print(header)
+        plain_tps = statistics.mean(tps["plain"])
+        for configuration in CONFIGURATIONS:
+            mean = statistics.mean(tps[configuration])
+            cost = f"{statistics.median(cpu[configuration]):5.1f} us"
+            if configuration != "plain":
+                extra = [a - b for a, b in zip(cpu[configuration], cpu["plain"], strict=True)]
+                q1, _, q3 = statistics.quantiles(extra, n=4)
+                cost += f" +{statistics.median(extra):.1f} [{q1:.1f}..{q3:.1f}]"
+            print(
+                f"{LABELS[configuration]:<14} {mean:10.1f} {mean / plain_tps:7.3f}   {cost:<32} "
+                f"{statistics.median(wal[configuration]):.0f} B"
+            )
+        print("target: outbox mode keeps >= 0.85 of the plain table's tps")
     finally:
         cluster.stop()
         if not args.keep:
