@@ -464,7 +464,10 @@ class _Session:
         try:
             while not stop.is_set():
                 read = self._read()
-                producer.poll(0)
+                try:
+                    producer.poll(0)
+                except KafkaException as e:
+                    raise self._producer_failed(e) from e
                 confirmable = window.advance()
                 now = time.monotonic()
                 if (
@@ -597,9 +600,22 @@ class _Session:
                     f"cannot produce event {headers.get('id')!r} to {topic!r}: {e}"
                 ) from e
 
+    def _poll(self, timeout_s: float) -> None:
+        try:
+            self.producer.poll(timeout_s)
+        except KafkaException as e:
+            raise self._producer_failed(e) from e
+
+    def _producer_failed(self, error: KafkaException) -> TransientError:
+        # confluent-kafka raises a fatal producer error from poll() rather than
+        # passing it to error_cb: the session restarts with a new producer, from
+        # the slot's confirmed position.
+        self.stream._producer_broken = str(error)
+        return TransientError(f"kafka producer failed: {error}")
+
     def _backpressure(self) -> None:
         """The producer's queue is full: stop reading, serve acks, keep the server informed."""
-        self.producer.poll(0.05)
+        self._poll(0.05)
         confirmable = self.window.advance()
         now = time.monotonic()
         if confirmable > self.sent or now - self.last_feedback >= _STATUS_INTERVAL_S:
@@ -687,15 +703,16 @@ class _Session:
         and a restart repeats nothing; under steady load it stops regardless.
         """
         deadline = time.monotonic() + 30.0
-        while len(self.producer) and time.monotonic() < deadline:
-            self.producer.poll(0.05)
+        with contextlib.suppress(TransientError):
+            while len(self.producer) and time.monotonic() < deadline:
+                self._poll(0.05)
         settle_until = time.monotonic() + 0.5
         with contextlib.suppress(TransientError, DeliveryError):
             while time.monotonic() < settle_until:
                 self._feedback(time.monotonic())
                 time.sleep(0.01)
                 self._read()
-                self.producer.poll(0.01)
+                self._poll(0.01)
                 self.window.advance()
                 if not len(self.window) and self.window.confirmable >= self.server_wal_end:
                     break
