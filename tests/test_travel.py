@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import random
+import re
 import subprocess
 import tomllib
 import urllib.request
@@ -339,6 +340,24 @@ def test_many_trips_at_once_on_scarce_inventory_never_overbook(
         for car_class, cars in inventory["car_classes"].items():
             taken = sum(r.cars for r in confirmed if r.car_class == car_class)
             assert left[f"car {car_class}"] == cars - taken
+
+
+def test_the_booking_example_in_the_docs_runs(
+    tmp_path: Path, make_database: Any, broker: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "travel.md").read_text()
+    inventory = re.findall(r'^psql (\w+)\s+-c "(INSERT .*)"$', docs, re.MULTILINE)
+    snippet = re.search(r"```python\n(.*?)```", docs, re.DOTALL)
+    assert len(inventory) == 3 and snippet
+    empty: dict[str, int] = {}
+    with running_travel(
+        tmp_path, make_database, broker, flights=empty, hotels=empty, car_classes=empty
+    ) as site:
+        for database, statement in inventory:
+            with site.connect(database) as conn:
+                conn.execute(statement)
+        exec(snippet.group(1), {"TRIP_DSN": site.dsns["trip"]})
+    assert "CONFIRMED COMPLETED None" in capsys.readouterr().out.splitlines()
 
 
 def test_the_cli_runs_a_travel_service(tmp_path: Path, make_database: Any, broker: str) -> None:
