@@ -299,8 +299,10 @@ class OrderNotices:
                     self._wake_all()  # whatever settled while nobody listened
                     async for notify in conn.notifies():
                         self._dispatch(notify.payload)
-            except psycopg.OperationalError as e:
+            except psycopg.Error as e:
                 log.warning("order notifications interrupted", error=str(e), retry_in_s=delay)
+            except Exception as e:
+                log.error("order notifications failed", error=repr(e), retry_in_s=delay)
             finally:
                 self.listening.clear()
             await asyncio.sleep(delay)
@@ -403,7 +405,7 @@ class WebhookSender:
             )
             if not response.is_success:
                 error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as e:
+        except Exception as e:  # refused, reset, timed out, a URL httpx cannot use...
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         try:
             outcome = await run_in_threadpool(self._record, delivery, error)
@@ -906,7 +908,10 @@ def serve(
         timeout_graceful_shutdown=10,
     )
     server = _Server(config, on_stop=service.begin_shutdown)
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's answer to a failed startup, logged above
+        return service.failure or "the service did not start"
     if not server.started:
         return service.failure or "the service did not start"
     return service.failure
