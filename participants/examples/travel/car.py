@@ -16,6 +16,7 @@ import psycopg
 
 from participants.examples.travel import holds
 from participants.runtime import Participant
+from relay import schema
 
 COMMANDS = "car-commands"
 EVENTS = "car"
@@ -50,9 +51,7 @@ CREATE TABLE IF NOT EXISTS car_classes (
 
 def install(conn: psycopg.Connection[Any], car_classes: Mapping[str, int] | None = None) -> None:
     """The car service's tables and walsaga (core and saga components), and
-    `car_classes` (id -> cars) when given; commits."""
-    from relay import schema
-
+    `car_classes` (id -> cars) when given, in one transaction."""
     with conn.transaction():
         schema.apply(conn, "core")
         schema.apply(conn, "saga")

@@ -16,6 +16,7 @@ import psycopg
 
 from participants.examples.travel import holds
 from participants.runtime import Participant
+from relay import schema
 
 COMMANDS = "flight-commands"
 EVENTS = "flight"
@@ -51,9 +52,7 @@ CREATE TABLE IF NOT EXISTS flights (
 
 def install(conn: psycopg.Connection[Any], flights: Mapping[str, int] | None = None) -> None:
     """The flight service's tables and walsaga (core and saga components), and
-    `flights` (id -> seats) when given; commits."""
-    from relay import schema
-
+    `flights` (id -> seats) when given, in one transaction."""
     with conn.transaction():
         schema.apply(conn, "core")
         schema.apply(conn, "saga")

@@ -148,12 +148,17 @@ class HoldDesk:
     def release(self, ctx: HandlerContext, message: Message) -> None:
         """Compensation: give the hold (or the confirmed booking) back. Idempotent,
         and answers even when nothing was ever held (the saga may compensate a
-        hold whose outcome it never learnt)."""
+        hold whose outcome it never learnt), so it checks nothing it could refuse."""
         inv = self.inventory
-        request = self.request(message)
-        row = ctx.execute("SELECT walsaga.release_reservation(%s)", (request.trip_id,)).fetchone()
-        was_held = bool(row and row[0])
-        ctx.publish(inv.events, request.item, inv.released, self.body(request, was_held=was_held))
+        trip_id = str(message.field("trip_id"))
+        row = ctx.execute("SELECT walsaga.release_reservation(%s)", (trip_id,)).fetchone()
+        body = {
+            "trip_id": trip_id,
+            inv.item_field: message.field(inv.item_field),
+            inv.quantity_field: message.payload.get(inv.quantity_field),
+            "was_held": bool(row and row[0]),
+        }
+        ctx.publish(inv.events, message.key or "", inv.released, body)
 
     def expire(self, conn: psycopg.Connection[Any]) -> int:
         """Expire the holds past their time and announce each; returns how many."""

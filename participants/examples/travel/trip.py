@@ -26,6 +26,7 @@ from participants.handlers import publish
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
 from participants.saga import Command, RetryPolicy, SagaDefinition, Step
+from relay import schema
 from relay.errors import BusinessError
 
 EVENTS = "trip"
@@ -346,9 +347,7 @@ def trip_status(conn: psycopg.Connection[Any], trip_id: str) -> Trip | None:
 
 
 def install(conn: psycopg.Connection[Any]) -> None:
-    """The trip service's tables with walsaga's core and saga components."""
-    from relay import schema
-
+    """The trip service's tables with walsaga's core and saga components, in one transaction."""
     with conn.transaction():
         schema.apply(conn, "core")
         schema.apply(conn, "saga")

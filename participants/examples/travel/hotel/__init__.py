@@ -39,8 +39,8 @@ EXPIRED = "RoomHoldExpired"
 
 
 def install(conn: psycopg.Connection[Any], hotels: Mapping[str, int] | None = None) -> None:
-    """Create the legacy schema, `hotels` (id -> rooms a night) when given, and
-    deploy walsaga with the capture spec; commits."""
+    """Create the legacy schema and `hotels` (id -> rooms a night) when given,
+    then deploy walsaga with the capture spec (as ``walsaga deploy`` would)."""
     with conn.transaction():
         exists = conn.execute("SELECT to_regclass('public.hotels') IS NOT NULL").fetchone()
         if not (exists and exists[0]):
