@@ -90,6 +90,10 @@ class Route:
     failure_event: bool = True
     #: Extra payload fields of the failure event, from the message.
     failure_fields: Callable[[Message], dict[str, Any]] | None = None
+    #: Run the handler under a savepoint of its own (two round trips), so a
+    #: business failure undoes only its writes. Handlers that never fail for
+    #: business reasons may skip it.
+    savepoint: bool = True
 
     def matches(self, message: Message) -> bool:
         return message.topic == self.topic and (self.type is None or self.type == message.type)

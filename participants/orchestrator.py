@@ -23,7 +23,7 @@ from prometheus_client import Counter
 from psycopg.types.json import Jsonb
 
 from participants import saga as machine
-from participants.handlers import HandlerContext, Route, publish
+from participants.handlers import HandlerContext, Route
 from participants.message import Message
 from participants.runtime import Participant
 from participants.saga import Effect, Log, Reply, RunLocal, SagaDefinition, SagaState, SendCommand
@@ -34,9 +34,32 @@ log = structlog.get_logger("walsaga.orchestrator")
 NOTIFY_CHANNEL = "walsaga_saga"
 
 _LOG_INSERT = "INSERT INTO walsaga.saga_log (saga_id, kind, step, detail) VALUES (%s, %s, %s, %s)"
+
+
+class _Writes:
+    """Statements of one saga transition, sent together in a pipeline."""
+
+    def __init__(self) -> None:
+        self.logs: list[tuple[Any, ...]] = []
+        self.commands: list[tuple[Any, ...]] = []
+        self.statements: list[tuple[str, tuple[Any, ...]]] = []
+
+    def flush(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.pipeline(), conn.cursor() as cur:
+            if self.logs:
+                cur.executemany(_LOG_INSERT, self.logs)
+            if self.commands:
+                cur.executemany(_PUBLISH, self.commands)
+            for statement, params in self.statements:
+                cur.execute(statement, params)
+
+
+_PUBLISH = "SELECT walsaga.publish(%s, %s, %s, %s, %s)"
+
 _COLUMNS = (
     "id, definition, version, status, step, completed, attempt, data, deadline, reason, refusals"
 )
+_VALUES = ", ".join(["%s"] * 11)
 
 
 def _epoch(ts: datetime | None) -> float | None:
@@ -90,7 +113,9 @@ class Orchestrator:
         )
         topics = sorted({t for d in self.definitions.values() for t in d.reply_topics})
         for topic in topics:
-            participant.add_route(Route(topic, None, self._on_reply, failure_event=False))
+            participant.add_route(
+                Route(topic, None, self._on_reply, failure_event=False, savepoint=False)
+            )
         participant.every(deadline_interval_s, self.fire_deadlines, name="saga deadlines")
 
     # -- starting ------------------------------------------------------------
@@ -107,15 +132,11 @@ class Orchestrator:
         defn = self._definition(definition if isinstance(definition, str) else definition.name)
         now = time.time()
         state, effects = machine.start(defn, saga_id, data, now)
-        state = self._apply(conn, defn, state, effects, now)
-        conn.execute(
-            f"""
-            INSERT INTO walsaga.saga ({_COLUMNS})
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            """,
-            self._row(state),
-        )
-        self._after(conn, state, None)
+        state, writes = self._apply(conn, defn, state, effects, now)
+        writes.statements.append((f"INSERT INTO walsaga.saga ({_COLUMNS}) VALUES ({_VALUES})",
+                                  self._row(state)))  # fmt: skip
+        self._after(writes, state, None)
+        writes.flush(conn)
         if self._m_started is not None:
             self._m_started.labels(defn.name).inc()
         return state
@@ -137,10 +158,7 @@ class Orchestrator:
             return
         payload = message.payload if isinstance(message.payload, dict) else {}
         reply = Reply(message.type or "", payload, message.headers, message.id)
-        now = time.time()
-        new, effects = machine.on_reply(defn, state, reply, now)
-        new = self._apply(ctx.conn, defn, new, effects, now)
-        self._save(ctx.conn, state, new)
+        self._advance(ctx.conn, defn, state, machine.on_reply, reply)
 
     def fire_deadlines(self, conn: psycopg.Connection[Any], limit: int = 200) -> int:
         """Time out sagas whose deadline passed; returns how many. Safe to run
@@ -156,13 +174,38 @@ class Orchestrator:
         for row in rows:
             state = _state(row)
             defn = self.definitions.get(state.definition)
-            if defn is None:
-                continue
-            now = time.time()
-            new, effects = machine.on_timeout(defn, state, now)
-            new = self._apply(conn, defn, new, effects, now)
-            self._save(conn, state, new)
+            if defn is not None:
+                self._advance(conn, defn, state, machine.on_timeout)
         return len(rows)
+
+    def _advance(
+        self,
+        conn: psycopg.Connection[Any],
+        defn: SagaDefinition,
+        state: SagaState,
+        transition: Any,
+        *args: Any,
+    ) -> None:
+        now = time.time()
+        new, effects = transition(defn, state, *args, now)
+        new, writes = self._apply(conn, defn, new, effects, now)
+        if new != state:
+            writes.statements.append(
+                (
+                    """
+                    UPDATE walsaga.saga
+                    SET status = %s, step = %s, completed = %s, attempt = %s, data = %s,
+                        deadline = %s, reason = %s, refusals = %s, updated_at = now(),
+                        ended_at = CASE WHEN %s THEN now() END
+                    WHERE id = %s
+                    """,
+                    (new.status, new.step, new.completed, new.attempt, Jsonb(new.data),
+                     _ts(new.deadline), new.reason, new.refusals,
+                     new.status in machine.TERMINAL, new.id),
+                )
+            )  # fmt: skip
+            self._after(writes, new, state)
+        writes.flush(conn)
 
     def _apply(
         self,
@@ -171,46 +214,28 @@ class Orchestrator:
         state: SagaState,
         effects: list[Effect],
         now: float,
-    ) -> SagaState:
-        """Carry out effects; local actions feed their outcome back into the machine."""
+    ) -> tuple[SagaState, _Writes]:
+        """Carry out effects. Local actions run at once and feed their outcome
+        back into the machine; log rows and commands are collected and written
+        together (one round trip) by the caller."""
+        writes = _Writes()
         pending = list(effects)
         while pending:
             effect = pending.pop(0)
             if isinstance(effect, Log):
-                conn.execute(
-                    _LOG_INSERT,
-                    (state.id, effect.kind, effect.step, Jsonb(effect.detail)),
-                )
+                writes.logs.append((state.id, effect.kind, effect.step, Jsonb(effect.detail)))
             elif isinstance(effect, SendCommand):
-                publish(
-                    conn,
-                    effect.command.topic,
-                    effect.aggregate_id,
-                    effect.command.type,
-                    effect.payload,
-                    effect.headers,
-                )
-                conn.execute(
-                    _LOG_INSERT,
-                    (
-                        state.id,
-                        "COMMAND",
-                        effect.step,
-                        Jsonb(
-                            {
-                                "type": effect.command.type,
-                                "topic": effect.command.topic,
-                                "attempt": state.attempt,
-                                "key": effect.headers["idempotency_key"],
-                            }
-                        ),
-                    ),
-                )
+                command = effect.command
+                writes.commands.append((command.topic, effect.aggregate_id, command.type,
+                                        Jsonb(effect.payload), Jsonb(effect.headers)))  # fmt: skip
+                detail = {"type": command.type, "topic": command.topic, "attempt": state.attempt,
+                          "key": effect.headers["idempotency_key"]}  # fmt: skip
+                writes.logs.append((state.id, "COMMAND", effect.step, Jsonb(detail)))
             elif isinstance(effect, RunLocal):
                 result, error = self._run_local(conn, effect, state)
                 state, more = machine.on_local_result(defn, state, result, error, now)
                 pending = list(more) + pending
-        return state
+        return state, writes
 
     def _run_local(
         self, conn: psycopg.Connection[Any], effect: RunLocal, state: SagaState
@@ -243,52 +268,17 @@ class Orchestrator:
             s.refusals,
         )
 
-    def _save(self, conn: psycopg.Connection[Any], old: SagaState, new: SagaState) -> None:
-        if new == old:
-            return
-        conn.execute(
-            """
-            UPDATE walsaga.saga
-            SET status = %s, step = %s, completed = %s, attempt = %s, data = %s,
-                deadline = %s, reason = %s, refusals = %s, updated_at = now(),
-                ended_at = CASE WHEN %s THEN now() END
-            WHERE id = %s
-            """,
-            (
-                new.status,
-                new.step,
-                new.completed,
-                new.attempt,
-                Jsonb(new.data),
-                _ts(new.deadline),
-                new.reason,
-                new.refusals,
-                new.status in machine.TERMINAL,
-                new.id,
-            ),
-        )
-        self._after(conn, new, old)
-
-    def _after(self, conn: psycopg.Connection[Any], new: SagaState, old: SagaState | None) -> None:
+    def _after(self, writes: _Writes, new: SagaState, old: SagaState | None) -> None:
         if new.status in machine.TERMINAL and (old is None or old.status != new.status):
-            conn.execute(
-                "SELECT pg_notify(%s, %s)",
-                (
-                    NOTIFY_CHANNEL,
-                    orjson.dumps(
-                        {"id": new.id, "definition": new.definition, "status": new.status}
-                    ).decode(),
-                ),
+            notice = {"id": new.id, "definition": new.definition, "status": new.status}
+            writes.statements.append(
+                ("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, orjson.dumps(notice).decode()))
             )
             if self._m_ended is not None:
                 self._m_ended.labels(new.definition, new.status).inc()
             if new.status == machine.FAILED:
-                log.error(
-                    "saga FAILED: compensation could not finish",
-                    saga=new.id,
-                    definition=new.definition,
-                    reason=new.reason,
-                )
+                log.error("saga FAILED: compensation could not finish", saga=new.id,
+                          definition=new.definition, reason=new.reason)  # fmt: skip
 
     def _definition(self, name: str) -> SagaDefinition:
         try:

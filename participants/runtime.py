@@ -92,6 +92,7 @@ class Participant:
         business_sqlstates: Iterable[str] = (),
         poll_timeout_s: float = 0.05,
         topic_partitions: int | None = 4,
+        workers: int = 1,
         retry_min_s: float = 0.05,
         retry_max_s: float = 5.0,
         inbox_retention_s: float = 7 * 24 * 3600,
@@ -106,6 +107,7 @@ class Participant:
         self.business_sqlstates = frozenset(business_sqlstates)
         self.poll_timeout_s = poll_timeout_s
         self.topic_partitions = topic_partitions
+        self.workers = max(1, workers)
         self.retry_min_s = retry_min_s
         self.retry_max_s = retry_max_s
         self.metrics = metrics or ParticipantMetrics()
@@ -114,7 +116,7 @@ class Participant:
         self.ready = threading.Event()  # set once the consumer has partitions
         self._periodic: list[_Periodic] = []
         self._attempts: dict[str, int] = {}
-        self._conn: psycopg.Connection[Any] | None = None
+        self._local = threading.local()  # each worker thread's connection
         self.log = log.bind(participant=name)
         self._m_retries = self.metrics.retries.labels(name)
         self._m_batch = self.metrics.batch_seconds.labels(name)
@@ -192,18 +194,60 @@ class Participant:
         self.log.warning("kafka", error=err.str())
 
     def run(self) -> None:
-        """Consume until :meth:`stop`; offsets of handled records are committed on the way out."""
+        """Consume until :meth:`stop`; offsets of handled records are committed on the way out.
+
+        With ``workers`` above one, that many consumers of the same group run
+        in threads, each with its own connection: Kafka gives each some of
+        the partitions, so records of one partition stay in order, while
+        the workers' database round trips overlap.
+        """
         if not self.routes:
             raise SetupError(f"participant {self.name!r} has no handlers")
         self._check_database()
         if self.topic_partitions:
             self._create_missing_topics()
+        self.log.info("consuming", topics=self.topics, workers=self.workers)
+        failures: list[BaseException] = []
+
+        def worker(index: int) -> None:
+            try:
+                self._consume(index)
+            except BaseException as e:
+                failures.append(e)
+                self.stop_event.set()
+
+        extra = [
+            threading.Thread(target=worker, args=(i,), name=f"{self.name}-worker-{i}", daemon=True)
+            for i in range(1, self.workers)
+        ]
+        for thread in extra:
+            thread.start()
+        try:
+            self._consume(0)
+        except BaseException:
+            self.stop_event.set()  # the other workers go with it
+            raise
+        finally:
+            for thread in extra:
+                thread.join()
+            self.log.info("stopped")
+        if failures:
+            raise failures[0]
+
+    def _consume(self, index: int) -> None:
         consumer = Consumer(self.consumer_settings())
         consumer.subscribe(self.topics, on_assign=self._on_assign)
-        self.log.info("consuming", topics=self.topics)
         try:
             while not self.stop_event.is_set():
-                records = consumer.consume(self.batch_size, self.poll_timeout_s)
+                # What the client has fetched already, without waiting; if
+                # nothing, wait for one record and take what came with it.
+                # (consume(n, timeout) alone waits for n records or the whole
+                # timeout, which would add the timeout to every hop of a saga.)
+                records = consumer.consume(self.batch_size, 0)
+                if not records:
+                    first = consumer.poll(self.poll_timeout_s)
+                    if first is not None:
+                        records = [first, *consumer.consume(self.batch_size - 1, 0)]
                 batch = []
                 for record in records:
                     err = record.error()
@@ -221,12 +265,13 @@ class Participant:
                         # Partitions revoked meanwhile: their new owner sees the
                         # records again and the inbox skips them.
                         self.log.info("offsets not stored", error=str(e))
-                self._run_periodic()
+                if index == 0:
+                    self._run_periodic()
         finally:
             consumer.close()  # commits what was stored
-            if self._conn is not None:
-                self._conn.close()
-            self.log.info("stopped")
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                conn.close()
 
     def _check_database(self) -> None:
         conn = self._connection()
@@ -265,13 +310,13 @@ class Participant:
     # -- handling ----------------------------------------------------------
 
     def _connection(self) -> psycopg.Connection[Any]:
-        conn = self._conn
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is not None and not conn.closed and not conn.broken:
             return conn
         delay = self.retry_min_s
         while True:
             try:
-                self._conn = conn = psycopg.connect(self.dsn, connect_timeout=10)
+                self._local.conn = conn = psycopg.connect(self.dsn, connect_timeout=10)
                 return conn
             except psycopg.OperationalError as e:
                 if self.stop_event.is_set():
@@ -298,7 +343,7 @@ class Participant:
             try:
                 if isolate:
                     for message in messages:
-                        self._handle_batch(conn, [message])
+                        self._handle_batch(conn, [message], isolated=True)
                 else:
                     self._handle_batch(conn, messages)
                 self._m_batch.observe(time.monotonic() - started)
@@ -314,7 +359,9 @@ class Participant:
                 return False
             delay = min(delay * 2, self.retry_max_s)
 
-    def _handle_batch(self, conn: psycopg.Connection[Any], messages: Sequence[Message]) -> None:
+    def _handle_batch(
+        self, conn: psycopg.Connection[Any], messages: Sequence[Message], *, isolated: bool = False
+    ) -> None:
         outcomes: list[str] = []
         try:
             with conn.transaction():
@@ -325,7 +372,7 @@ class Participant:
                         outcomes.append("duplicate")
                         continue
                     fresh.discard(key)  # a second copy in the same batch is a duplicate
-                    outcomes.append(self._handle_one(conn, message))
+                    outcomes.append(self._handle_one(conn, message, isolated))
         except psycopg.Error as e:
             if conn.broken:
                 raise
@@ -350,7 +397,7 @@ class Participant:
         ).fetchall()
         return {r[0] for r in rows}
 
-    def _handle_one(self, conn: psycopg.Connection[Any], message: Message) -> str:
+    def _handle_one(self, conn: psycopg.Connection[Any], message: Message, isolated: bool) -> str:
         route = self.route_for(message)
         compensates = message.headers.get("compensates")
         if compensates:
@@ -365,8 +412,16 @@ class Participant:
             return "ignored"
         ctx = HandlerContext(conn, message, self.name)
         try:
-            with conn.transaction():
-                route.handler(ctx, message)
+            if route.savepoint or isolated:
+                with conn.transaction():
+                    route.handler(ctx, message)
+            else:
+                # No business failure expected: an error rolls the batch back
+                # and the records are retried one transaction each.
+                try:
+                    route.handler(ctx, message)
+                except psycopg.Error as e:
+                    raise _RetryBatchError(f"{message.describe()}: {e}") from e
             return "handled"
         except BusinessError as e:
             self._failure_event(conn, route, message, e.reason, e.code)
