@@ -49,7 +49,25 @@ def metric_total(port: int, name: str) -> float:
 
 
 def generate(dsn: str, rate: float, seconds: float, threads: int, customers_n: int) -> int:
-    """Create orders at `rate`/s for `seconds`, one transaction each; returns how many."""
+    """Create orders at `rate`/s for `seconds`, one transaction each; returns how many.
+
+    Runs in processes of its own (a client is not part of the system measured,
+    and its threads should not share an interpreter lock with this script)."""
+    procs = max(1, min(4, int(rate // 400) + 1))
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--generate", dsn, str(rate / procs), str(seconds),
+             str(max(1, threads // procs)), str(customers_n), str(k)],
+            stdout=subprocess.PIPE,
+        )  # fmt: skip
+        for k in range(procs)
+    ]
+    return sum(int(c.communicate()[0] or 0) for c in children)
+
+
+def generator_process(
+    dsn: str, rate: float, seconds: float, threads: int, customers_n: int, seed: int
+) -> int:
     orchestrator = orders.orchestrator()
     created = [0] * threads
     start = time.monotonic() + 0.5
@@ -65,7 +83,7 @@ def generate(dsn: str, rate: float, seconds: float, threads: int, customers_n: i
                     break
                 if due > now:
                     time.sleep(due - now)
-                customer = f"c{(k * 7919 + n) % customers_n}"
+                customer = f"c{(seed * 104729 + k * 7919 + n) % customers_n}"
                 orders.create_order(conn, customer, 10, mode="orchestration",
                                     orchestrator=orchestrator)  # fmt: skip
                 conn.commit()
@@ -183,12 +201,17 @@ def phase(
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--generate":
+        dsn, rate, seconds, threads, n, seed = sys.argv[2:8]
+        print(generator_process(dsn, float(rate), float(seconds), int(threads), int(n), int(seed)))
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--offered", type=float, default=2500, help="sagas/s offered, phase 1")
     ap.add_argument("--steady", type=float, default=500, help="sagas/s offered, phase 2")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--threads", type=int, default=6, help="generator connections")
     ap.add_argument("--customers", type=int, default=200)
+    ap.add_argument("--workers", type=int, default=4, help="consumer threads per service")
     args = ap.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="walsaga-bench-saga-"))
@@ -216,7 +239,8 @@ def main() -> None:
         )
         env = {**os.environ, "WALSAGA_PARTICIPANT__DSN": customers_dsn,
                "WALSAGA_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-               "WALSAGA_PARTICIPANT__LOG_LEVEL": "warning"}  # fmt: skip
+               "WALSAGA_PARTICIPANT__LOG_LEVEL": "warning",
+               "WALSAGA_PARTICIPANT__WORKERS": str(args.workers)}  # fmt: skip
         log = (base / "services.log").open("ab")
         procs.append(subprocess.Popen([WALSAGA, "relay", "--config", str(base / "relay.toml")],
                                       stdout=log, stderr=log))  # fmt: skip
@@ -225,11 +249,12 @@ def main() -> None:
         procs.append(subprocess.Popen(
             [WALSAGA, "order-service", "--dsn", orders_dsn, "--bootstrap-servers",
              broker.bootstrap_servers, "--mode", "orchestration", "--port", str(order_port),
-             "--log-level", "warning"], stdout=log, stderr=log))  # fmt: skip
+             "--workers", str(args.workers), "--log-level", "warning"],
+            stdout=log, stderr=log))  # fmt: skip
         pg_pid = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
         WATCHED.update({"postgres": pg_pid, "broker": broker.pid, "relay": procs[0].pid,
                         "customer-service": procs[1].pid, "order-service": procs[2].pid,
-                        "generator": os.getpid()})  # fmt: skip
+                        "generator": os.getpid()})  # fmt: skip (its children included)
         wait_for_port(relay_port, timeout_s=60)
         wait_for_port(order_port, timeout_s=60)
         print("warming up (consumer groups joining) ...")
@@ -240,7 +265,6 @@ def main() -> None:
         print(f"throughput phase: offering {args.offered:.0f} sagas/s for {args.seconds:.0f} s ...")
         results.append(phase("throughput", orders_dsn, relay_port, args.offered, args.seconds,
                              args.threads, args.customers))  # fmt: skip
-        print(results[-1])
         print(f"latency phase: {args.steady:.0f} sagas/s for {args.seconds:.0f} s ...")
         results.append(phase("latency", orders_dsn, relay_port, args.steady, args.seconds,
                              max(2, args.threads // 2), args.customers))  # fmt: skip

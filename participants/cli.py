@@ -191,6 +191,14 @@ def travel_service(
     help="Longest ?wait= a request may ask for, in seconds.",
 )
 @click.option(
+    "--workers",
+    envvar="WALSAGA_WORKERS",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Consumer threads for replies and events (each takes some of the partitions).",
+)
+@click.option(
     "--log-level",
     envvar="WALSAGA_LOG_LEVEL",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -212,6 +220,7 @@ def order_service(
     port: int,
     customers_dsn: str | None,
     max_wait_s: float,
+    workers: int,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -226,6 +235,7 @@ def order_service(
         mode="orchestration" if mode == "orchestration" else "choreography",
         customers_dsn=customers_dsn,
         max_wait_s=max_wait_s,
+        workers=workers,
     )
     try:
         installed = service.ensure_installed(dsn)

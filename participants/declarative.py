@@ -136,6 +136,8 @@ class ParticipantSettings(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     dsn: str
     batch_size: int = Field(default=200, ge=1, le=10000)
+    #: Consumer threads, each with its own connection and some of the partitions.
+    workers: int = Field(default=1, ge=1, le=64)
     max_attempts: int = Field(default=5, ge=1)
     dead_letter_topic: str | None = None
     business_sqlstates: list[str] = Field(default_factory=list)
@@ -182,6 +184,7 @@ def build(config: ParticipantConfig) -> Participant:
         max_attempts=settings.max_attempts,
         dead_letter_topic=settings.dead_letter_topic,
         business_sqlstates=settings.business_sqlstates,
+        workers=settings.workers,
     )
     for h in config.handler:
         participant.add_route(

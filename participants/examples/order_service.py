@@ -118,6 +118,8 @@ class OrderServiceSettings:
     #: Longer ``?wait=`` values are cut to this.
     max_wait_s: float = 60.0
     pool_size: int = 10
+    #: Consumer threads handling replies and events (each takes some partitions).
+    workers: int = 1
     sse_keepalive_s: float = 15.0
     webhook: WebhookPolicy = field(default_factory=WebhookPolicy)
 
@@ -521,6 +523,7 @@ class OrderService:
             mode=settings.mode,
             orchestrator=self.orchestrator,
             name=settings.name,
+            workers=settings.workers,
         )
         registry = self.participant.metrics.registry
         self.created = Counter(
