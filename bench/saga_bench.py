@@ -56,10 +56,19 @@ def generate(dsn: str, rate: float, seconds: float, threads: int, customers_n: i
     procs = max(1, min(4, int(rate // 400) + 1))
     children = [
         subprocess.Popen(
-            [sys.executable, __file__, "--generate", dsn, str(rate / procs), str(seconds),
-             str(max(1, threads // procs)), str(customers_n), str(k)],
+            [
+                sys.executable,
+                __file__,
+                "--generate",
+                dsn,
+                str(rate / procs),
+                str(seconds),
+                str(max(1, threads // procs)),
+                str(customers_n),
+                str(k),
+            ],
             stdout=subprocess.PIPE,
-        )  # fmt: skip
+        )
         for k in range(procs)
     ]
     return sum(int(c.communicate()[0] or 0) for c in children)
@@ -84,8 +93,9 @@ def generator_process(
                 if due > now:
                     time.sleep(due - now)
                 customer = f"c{(seed * 104729 + k * 7919 + n) % customers_n}"
-                orders.create_order(conn, customer, 10, mode="orchestration",
-                                    orchestrator=orchestrator)  # fmt: skip
+                orders.create_order(
+                    conn, customer, 10, mode="orchestration", orchestrator=orchestrator
+                )
                 conn.commit()
                 n += 1
             created[k] = n
@@ -96,6 +106,12 @@ def generator_process(
     for t in pool:
         t.join()
     return sum(created)
+
+
+def percentile(sorted_values: list[float], q: int) -> float:
+    if len(sorted_values) < 100:
+        return float("nan")
+    return statistics.quantiles(sorted_values, n=100)[q - 1]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -121,18 +137,29 @@ def hops(orders_dsn: str, customers_dsn: str, since: object, sample: int = 300) 
     """Median milliseconds of each hop of the saga: command to reservation, reservation
     to its reply handled, confirm command to confirmation, confirmation to completion."""
     with psycopg.connect(orders_dsn) as o, psycopg.connect(customers_dsn) as c:
-        ids = [r[0] for r in o.execute(
-            "SELECT id FROM orders WHERE created_at >= %s AND status = 'APPROVED' "
-            "ORDER BY random() LIMIT %s", (since, sample))]  # fmt: skip
+        ids = [
+            r[0]
+            for r in o.execute(
+                "SELECT id FROM orders WHERE created_at >= %s AND status = 'APPROVED' "
+                "ORDER BY random() LIMIT %s",
+                (since, sample),
+            )
+        ]
         logs: dict[str, list[float]] = {}
-        for kind, saga, at in o.execute(
+        for _kind, saga, at in o.execute(
             "SELECT kind, saga_id, extract(epoch FROM at) FROM walsaga.saga_log "
-            "WHERE saga_id = ANY(%s) AND kind IN ('STARTED', 'REPLY') ORDER BY seq", (ids,)
-        ):  # fmt: skip
+            "WHERE saga_id = ANY(%s) AND kind IN ('STARTED', 'REPLY') ORDER BY seq",
+            (ids,),
+        ):
             logs.setdefault(saga, []).append(float(at))
-        held = {r[0]: (float(r[1]), float(r[2])) for r in c.execute(
-            "SELECT order_id, extract(epoch FROM created_at), extract(epoch FROM updated_at) "
-            "FROM credit_reservations WHERE order_id = ANY(%s)", (ids,))}  # fmt: skip
+        held = {
+            r[0]: (float(r[1]), float(r[2]))
+            for r in c.execute(
+                "SELECT order_id, extract(epoch FROM created_at), extract(epoch FROM updated_at) "
+                "FROM credit_reservations WHERE order_id = ANY(%s)",
+                (ids,),
+            )
+        }
     rows = []
     for saga, (started, reply1, reply2) in ((k, v[:3]) for k, v in logs.items() if len(v) >= 3):
         reserved, confirmed = held[saga]
@@ -185,16 +212,18 @@ def phase(
     print(f"  {label}: cores busy by process: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
     legs = hops(dsn, CUSTOMERS_DSN, mark)
     if legs:
-        print(f"  {label}: median ms per hop (command -> reservation -> reply -> confirmation "
-              f"-> reply): " + " / ".join(f"{h:.1f}" for h in legs))  # fmt: skip
+        print(
+            f"  {label}: median ms per hop (command -> reservation -> reply -> confirmation "
+            f"-> reply): " + " / ".join(f"{h:.1f}" for h in legs)
+        )
     return {
         "offered_per_s": offered / gen_s,
         "completed": len(done),
         "created": len(rows),
         "sustained_per_s": len(in_window) / (w1 - w0),
         "overall_per_s": len(done) / (last - begin),
-        "p50_ms": statistics.quantiles(latencies, n=100)[49] if len(latencies) > 100 else float("nan"),
-        "p99_ms": statistics.quantiles(latencies, n=100)[98] if len(latencies) > 100 else float("nan"),
+        "p50_ms": percentile(latencies, 50),
+        "p99_ms": percentile(latencies, 99),
         "relay_events_per_s": events / (last - begin),
         "label": label,  # type: ignore[dict-item]
     }
@@ -237,24 +266,60 @@ def main() -> None:
             f'[[source]]\nname = "orders"\ndsn = "{orders_dsn}"\n'
             f'[[source]]\nname = "customers"\ndsn = "{customers_dsn}"\n'
         )
-        env = {**os.environ, "WALSAGA_PARTICIPANT__DSN": customers_dsn,
-               "WALSAGA_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-               "WALSAGA_PARTICIPANT__LOG_LEVEL": "warning",
-               "WALSAGA_PARTICIPANT__WORKERS": str(args.workers)}  # fmt: skip
+        env = {
+            **os.environ,
+            "WALSAGA_PARTICIPANT__DSN": customers_dsn,
+            "WALSAGA_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+            "WALSAGA_PARTICIPANT__LOG_LEVEL": "warning",
+            "WALSAGA_PARTICIPANT__WORKERS": str(args.workers),
+        }
         log = (base / "services.log").open("ab")
-        procs.append(subprocess.Popen([WALSAGA, "relay", "--config", str(base / "relay.toml")],
-                                      stdout=log, stderr=log))  # fmt: skip
-        procs.append(subprocess.Popen([WALSAGA, "participant", "--config",
-                                       str(customers.HANDLERS)], env=env, stdout=log, stderr=log))  # fmt: skip
-        procs.append(subprocess.Popen(
-            [WALSAGA, "order-service", "--dsn", orders_dsn, "--bootstrap-servers",
-             broker.bootstrap_servers, "--mode", "orchestration", "--port", str(order_port),
-             "--workers", str(args.workers), "--log-level", "warning"],
-            stdout=log, stderr=log))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                [WALSAGA, "relay", "--config", str(base / "relay.toml")], stdout=log, stderr=log
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [WALSAGA, "participant", "--config", str(customers.HANDLERS)],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        )
+        procs.append(
+            subprocess.Popen(
+                [
+                    WALSAGA,
+                    "order-service",
+                    "--dsn",
+                    orders_dsn,
+                    "--bootstrap-servers",
+                    broker.bootstrap_servers,
+                    "--mode",
+                    "orchestration",
+                    "--port",
+                    str(order_port),
+                    "--workers",
+                    str(args.workers),
+                    "--log-level",
+                    "warning",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        )
         pg_pid = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
-        WATCHED.update({"postgres": pg_pid, "broker": broker.pid, "relay": procs[0].pid,
-                        "customer-service": procs[1].pid, "order-service": procs[2].pid,
-                        "generator": os.getpid()})  # fmt: skip (its children included)
+        WATCHED.update(
+            {
+                "postgres": pg_pid,
+                "broker": broker.pid,
+                "relay": procs[0].pid,
+                "customer-service": procs[1].pid,
+                "order-service": procs[2].pid,
+                "generator": os.getpid(),
+            }
+        )  # the generator: its children included
         wait_for_port(relay_port, timeout_s=60)
         wait_for_port(order_port, timeout_s=60)
         print("warming up (consumer groups joining) ...")
@@ -263,19 +328,41 @@ def main() -> None:
 
         results = []
         print(f"throughput phase: offering {args.offered:.0f} sagas/s for {args.seconds:.0f} s ...")
-        results.append(phase("throughput", orders_dsn, relay_port, args.offered, args.seconds,
-                             args.threads, args.customers))  # fmt: skip
+        results.append(
+            phase(
+                "throughput",
+                orders_dsn,
+                relay_port,
+                args.offered,
+                args.seconds,
+                args.threads,
+                args.customers,
+            )
+        )
         print(f"latency phase: {args.steady:.0f} sagas/s for {args.seconds:.0f} s ...")
-        results.append(phase("latency", orders_dsn, relay_port, args.steady, args.seconds,
-                             max(2, args.threads // 2), args.customers))  # fmt: skip
+        results.append(
+            phase(
+                "latency",
+                orders_dsn,
+                relay_port,
+                args.steady,
+                args.seconds,
+                max(2, args.threads // 2),
+                args.customers,
+            )
+        )
 
         print()
-        print(f"{'':28}{'offered/s':>11}{'done/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
-              f"{'relay ev/s':>12}{'unfinished':>12}")  # fmt: skip
+        print(
+            f"{'':28}{'offered/s':>11}{'done/s':>9}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'relay ev/s':>12}{'unfinished':>12}"
+        )
         for r in results:
-            print(f"{r['label']:28}{r['offered_per_s']:11.0f}{r['sustained_per_s']:9.0f}"
-                  f"{r['p50_ms']:9.1f}{r['p99_ms']:9.1f}{r['relay_events_per_s']:12.0f}"
-                  f"{r['created'] - r['completed']:12.0f}")  # fmt: skip
+            print(
+                f"{r['label']:28}{r['offered_per_s']:11.0f}{r['sustained_per_s']:9.0f}"
+                f"{r['p50_ms']:9.1f}{r['p99_ms']:9.1f}{r['relay_events_per_s']:12.0f}"
+                f"{r['created'] - r['completed']:12.0f}"
+            )
         print()
         print("targets: >= 2000 sagas/s sustained; p99 < 150 ms at 500 sagas/s")
     finally:
