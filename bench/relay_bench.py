@@ -6,12 +6,17 @@ embedded broker:
 1. throughput: N outbox events are written while two slots wait at the same
    position; pg_recvlogical (same plugin, same options) decodes one slot to a
    file, the relay publishes the other to Kafka with every guarantee on. Both
-   are clocked from the moment their slot turns active to the last record
-   (pg_recvlogical: reaching the end position; relay: the last Kafka ack).
-2. latency: pgbench writes single-event transactions at a steady rate while
-   the relay runs; the relay's own commit-to-ack percentiles are read from
-   its /healthz after the run.
-3. memory: the relay's peak RSS (VmHWM) over both phases.
+   are clocked from the moment their slot turns active until they are past the
+   end position: pg_recvlogical exits there; the relay's slot is confirmed
+   there, which it does only once Kafka acknowledged every event (read from
+   Postgres, so that watching does not load the relay).
+2. latency: pgbench writes events at a steady rate while the relay runs
+   (single-event transactions unless --events-per-txn says otherwise); the
+   relay's own commit-to-ack percentiles are read from its /healthz after the
+   run. The commit time is wal2json's, taken before the commit's WAL flush, so
+   the figures include the flush (fsync is on).
+3. memory: the relay's peak RSS (VmHWM) over the phases above, and then over
+   one transaction of --big-txn events (0 skips it).
 
     .venv/bin/python bench/relay_bench.py [--events 200000] [--rate 5000] [--seconds 20]
 """
@@ -109,6 +114,14 @@ def health(port: int) -> dict:
         return json.loads(resp.read())
 
 
+def confirmed_past(conn: psycopg.Connection, slot: str, lsn: str) -> bool:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn >= %s::pg_lsn FROM pg_replication_slots WHERE slot_name = %s",
+        (lsn, slot),
+    ).fetchone()
+    return bool(row and row[0])
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -122,6 +135,9 @@ def main() -> None:
     ap.add_argument("--txn-size", type=int, default=10)
     ap.add_argument("--rate", type=int, default=5000, help="events/s in the latency phase")
     ap.add_argument("--seconds", type=int, default=20, help="length of the latency phase")
+    ap.add_argument("--clients", type=int, default=4, help="pgbench clients in the latency phase")
+    ap.add_argument("--events-per-txn", type=int, default=1, help="in the latency phase")
+    ap.add_argument("--big-txn", type=int, default=1_000_000, help="events in one transaction")
     args = ap.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="walsaga-bench-relay-"))
@@ -161,43 +177,80 @@ def main() -> None:
         relay_config(config, dsn, "bench_relay", broker.bootstrap_servers, http_port)
         relay = start_relay(config)
         t_active = slot_active_at(admin, "bench_relay")
-        while metric(http_port, "walsaga_relay_events_published") < args.events:
+        while not confirmed_past(admin, "bench_relay", end_lsn):
             time.sleep(0.002)
         relay_s = time.monotonic() - t_active
         relay_rate = args.events / relay_s
+        published = metric(http_port, "walsaga_relay_events_published")
+        assert published == args.events, f"the relay published {published} events"
 
-        # Latency at a steady rate, single-event transactions, through pgbench.
+        # Latency at a steady rate through pgbench.
         script = base / "publish.sql"
-        script.write_text(
+        publish = (
             "SELECT walsaga.publish('latency', (random() * 1000)::int::text, 'Measured', "
             "'{\"amount\": 12.5}');\n"
         )
+        per_txn = args.events_per_txn
+        script.write_text(publish if per_txn == 1 else "BEGIN;\n" + publish * per_txn + "COMMIT;\n")
         before = metric(http_port, "walsaga_relay_events_published")
-        subprocess.run(
-            [str(postgres_bindir() / "pgbench"), "-n", "-c", "4", "-j", "2",
-             "-R", str(args.rate), "-T", str(args.seconds), "-f", str(script), dsn],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        expected = before + args.rate * args.seconds * 0.95
+        out = subprocess.run(
+            [str(postgres_bindir() / "pgbench"), "-n", "-c", str(args.clients), "-j", "2",
+             "-R", str(args.rate / per_txn), "-T", str(args.seconds), "-f", str(script), dsn],
+            check=True, capture_output=True, text=True,
+        ).stdout  # fmt: skip
+        committed = re.search(r"actually processed: (\d+)", out)
+        assert committed, out
+        expected = before + int(committed.group(1)) * per_txn
         deadline = time.monotonic() + 30
         while metric(http_port, "walsaga_relay_events_published") < expected:
             if time.monotonic() > deadline:
                 break
             time.sleep(0.05)
         time.sleep(0.5)
-        published = metric(http_port, "walsaga_relay_events_published") - before
+        latency_events = metric(http_port, "walsaga_relay_events_published") - before
         lat = health(http_port)["sources"]["bench"]["commit_to_ack_ms"]
         rss = peak_rss_mb(relay.pid)
 
+        # One huge transaction: what the relay holds while publishing it.
+        big_rss = big_s = float("nan")
+        if args.big_txn:
+            before = metric(http_port, "walsaga_relay_events_published")
+            with psycopg.connect(dsn) as conn:
+                conn.execute(
+                    """
+                    INSERT INTO walsaga.outbox (aggregatetype, aggregateid, type, payload)
+                    SELECT 'bulk', (i %% 1000)::text, 'Bulk',
+                           jsonb_build_object('n', i, 'pad', repeat('p', 100))
+                    FROM generate_series(1, %s) AS i
+                    """,
+                    (args.big_txn,),
+                )
+            committed = time.monotonic()
+            deadline = committed + 600
+            while metric(http_port, "walsaga_relay_events_published") < before + args.big_txn:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the big transaction was not published in 10 minutes")
+                time.sleep(0.2)
+            big_s = time.monotonic() - committed
+            big_rss = peak_rss_mb(relay.pid)
+
+        generator = f"pgbench, {args.clients} clients, " + (
+            "single-event transactions" if per_txn == 1 else f"{per_txn} events per transaction"
+        )
         print()
         print(f"{'':38}{'figure':>14}{'target':>14}")
         print(f"{'pg_recvlogical to file (events/s)':38}{recv_rate:14,.0f}")
         print(f"{'relay to Kafka, acked (events/s)':38}{relay_rate:14,.0f}")
         print(f"{'relay / pg_recvlogical':38}{relay_rate / recv_rate:14.2f}{'>= 0.90':>14}")
-        print(f"{'latency phase: events published':38}{published:14,.0f}")
-        print(f"{'commit-to-ack p50 (ms)':38}{lat['p50']:14.2f}{'<= 5':>14}")
-        print(f"{'commit-to-ack p99 (ms)':38}{lat['p99']:14.2f}{'<= 20':>14}")
-        print(f"{'relay peak RSS (MB)':38}{rss:14.1f}{'< 200':>14}")
+        print(f"latency phase: {args.rate:,} events/s asked of {generator}")
+        print(f"{'  events/s published':38}{latency_events / args.seconds:14,.0f}")
+        print(f"{'  commit-to-ack p50 (ms)':38}{lat['p50']:14.2f}{'<= 5':>14}")
+        print(f"{'  commit-to-ack p99 (ms)':38}{lat['p99']:14.2f}{'<= 20':>14}")
+        print(f"{'relay peak RSS, phases 1-2 (MB)':38}{rss:14.1f}{'< 200':>14}")
+        if args.big_txn:
+            label = f"relay peak RSS, {args.big_txn:,}-event txn (MB)"
+            print(f"{label:38}{big_rss:14.1f}{'< 200':>14}")
+            print(f"{'  published in (s)':38}{big_s:14.1f}")
     finally:
         if relay is not None:
             relay.terminate()
