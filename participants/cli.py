@@ -248,3 +248,55 @@ def order_service(
     if failure is not None:
         click.echo(f"error: {failure}", err=True)
         raise SystemExit(EXIT_ERROR)
+
+
+@main.command()
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path(".walsaga/demo"),
+    show_default=True,
+    help="Where the demo keeps its clusters and logs (delete it any time the demo is not running).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["orchestration", "choreography"]),
+    default="orchestration",
+    show_default=True,
+    help="Which variant of the order saga to run.",
+)
+@click.option("--orders", "n_orders", type=click.IntRange(min=0), default=60, show_default=True)
+@click.option("--trips", "n_trips", type=click.IntRange(min=0), default=15, show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True, help="Order service port.")
+@click.option("--serve", is_flag=True, help="Keep everything running until Ctrl-C.")
+@click.option("--fresh", is_flag=True, help="Start from empty databases.")
+def demo(
+    directory: Path,
+    mode: str,
+    n_orders: int,
+    n_trips: int,
+    port: int,
+    serve: bool,
+    fresh: bool,
+) -> None:
+    """Run everything on this machine (Postgres clusters, broker, relay, services),
+    a batch of sagas with progress, and a summary."""
+    from participants.demo import DemoOptions, run_demo
+
+    logs.configure("warning")
+    options = DemoOptions(
+        directory=directory,
+        mode="choreography" if mode == "choreography" else "orchestration",
+        orders=n_orders,
+        trips=n_trips,
+        serve=serve,
+        port=port,
+        fresh=fresh,
+    )
+    try:
+        status = run_demo(options)
+    except WalsagaError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(EXIT_ERROR) from None
+    raise SystemExit(status)

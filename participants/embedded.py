@@ -192,18 +192,20 @@ class LocalPostgres:
         return self
 
     def stop(self, *, mode: str = "fast") -> None:
-        if not (self.datadir / "postmaster.pid").exists():
+        pidfile = self.datadir / "postmaster.pid"
+        try:
+            pid = int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
             return
         self._cmd(
-            str(postgres_bindir() / "pg_ctl"),
-            "-D",
-            str(self.datadir),
-            "-m",
-            mode,
-            "-w",
-            "stop",
+            str(postgres_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop",
             check=False,
-        )
+        )  # fmt: skip
+        # pg_ctl returns once the pid file is gone; the postmaster may still be
+        # on its way out, and callers rely on nothing running after stop().
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def restart(self) -> None:
         self.stop()
