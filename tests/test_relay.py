@@ -173,18 +173,20 @@ def test_setup_problems_stop_the_relay_with_what_to_do(
     tmp_path: Path, empty_db: str, walsaga_db: str, broker: str
 ) -> None:
     # Schema not deployed.
-    relay = RelayProcess.start(tmp_path, bootstrap=broker, sources={"legacy": empty_db}, name="a")
-    assert relay.wait_exit() == 2
-    assert "walsaga deploy --dsn" in relay.read_log()
+    with RelayProcess.start(
+        tmp_path, bootstrap=broker, sources={"legacy": empty_db}, name="a"
+    ) as relay:
+        assert relay.wait_exit() == 2
+        assert "walsaga deploy --dsn" in relay.read_log()
 
     # A role without the REPLICATION attribute.
     role = f"norepl_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(walsaga_db, autocommit=True) as conn:
         conn.execute(f"CREATE ROLE {role} LOGIN")
     dsn = psycopg.conninfo.make_conninfo(walsaga_db, user=role)
-    relay = RelayProcess.start(tmp_path, bootstrap=broker, sources={"svc": dsn}, name="b")
-    assert relay.wait_exit() == 2
-    assert "lacks the REPLICATION attribute" in relay.read_log()
+    with RelayProcess.start(tmp_path, bootstrap=broker, sources={"svc": dsn}, name="b") as relay:
+        assert relay.wait_exit() == 2
+        assert "lacks the REPLICATION attribute" in relay.read_log()
 
 
 def test_a_bad_config_names_the_key_and_file(tmp_path: Path) -> None:
@@ -213,10 +215,11 @@ def test_wal_level_and_missing_wal2json_are_reported(tmp_path: Path, broker: str
                 dsn = cluster.create_database("svc")
                 with psycopg.connect(dsn) as conn:
                     schema.apply(conn, "core")
-                relay = RelayProcess.start(tmp_path, bootstrap=broker, sources={"svc": dsn},
-                                           name=name)  # fmt: skip
-                assert relay.wait_exit() == 2
-                assert expected in relay.read_log()
+                with RelayProcess.start(
+                    tmp_path, bootstrap=broker, sources={"svc": dsn}, name=name
+                ) as relay:
+                    assert relay.wait_exit() == 2
+                    assert expected in relay.read_log()
             finally:
                 cluster.stop(mode="immediate")
     finally:
