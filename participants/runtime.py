@@ -174,16 +174,16 @@ class Participant:
         return {
             "group.id": self.name,
             "auto.offset.reset": "earliest",
-            # Offsets are stored by hand after each database commit and
-            # committed in the background from what was stored.
-            "enable.auto.commit": True,
-            "enable.auto.offset.store": False,
             "auto.commit.interval.ms": 500,
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 1000,
             "fetch.wait.max.ms": 20,
             "partition.assignment.strategy": "cooperative-sticky",
             **self.kafka,
+            # Not negotiable: offsets are stored by hand after each database
+            # commit and committed in the background from what was stored.
+            "enable.auto.commit": True,
+            "enable.auto.offset.store": False,
             "error_cb": self._on_kafka_error,
         }
 

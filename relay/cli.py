@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import click
 import psycopg
 from confluent_kafka import Producer
 
-from relay import daemon, logs, outbox
+from relay import daemon, logs, outbox, schema
 from relay import deploy as deploying
 from relay.capture import CaptureSpec, load_spec
 from relay.config import RelayConfig, SourceConfig, load_relay_config
@@ -49,6 +50,19 @@ EXIT_ERROR = 2
     metavar="VAR",
     help="Environment variable holding the relay role's password.",
 )
+@click.option(
+    "--with",
+    "components",
+    multiple=True,
+    type=click.Choice(["saga"]),
+    help="Also install an optional component: saga (saga state, semantic locks, reservations).",
+)
+@click.option(
+    "--slot",
+    metavar="NAME",
+    help="Create the relay's replication slot now, so events written before the relay "
+    "first runs are kept for it (use the slot name of the relay config).",
+)
 def deploy(
     dsn: str,
     spec_path: Path | None,
@@ -56,6 +70,8 @@ def deploy(
     drop: bool,
     relay_role: str | None,
     relay_password_env: str | None,
+    components: tuple[str, ...],
+    slot: str | None,
 ) -> None:
     """Install the walsaga schema and the capture triggers of a spec, in one transaction."""
     if drop and spec_path is None:
@@ -64,15 +80,67 @@ def deploy(
         raise click.UsageError("--relay-role cannot be combined with --drop")
     if relay_password_env and not relay_role:
         raise click.UsageError("--relay-password-env needs --relay-role")
+    if drop and (components or slot):
+        raise click.UsageError("--with and --slot cannot be combined with --drop")
     try:
         spec = load_spec(spec_path) if spec_path is not None else None
         role = _relay_role(relay_role, relay_password_env) if relay_role else None
         report = _run(dsn, spec, role, plan=plan, drop=drop)
+        _print(report, drop=drop)
+        for component in components:
+            _component(dsn, component, plan=plan)
+        if slot is not None:
+            _slot(dsn, slot, plan=plan)
     except WalsagaError as e:
         # One line: a multi-line server message is folded into it.
         click.echo("error: " + "; ".join(line.strip() for line in str(e).splitlines()), err=True)
         raise SystemExit(EXIT_ERROR) from None
-    _print(report, drop=drop)
+
+
+def _component(dsn: str, component: str, *, plan: bool) -> None:
+    note = "-- " if plan else ""
+    try:
+        with psycopg.connect(dsn) as conn:
+            if plan:
+                todo = schema.pending(conn, component)
+                conn.rollback()
+            else:
+                with conn.transaction():
+                    todo = schema.apply(conn, component)
+            version = schema.migrations(component)[-1].version
+    except psycopg.Error as e:
+        raise from_psycopg(e, f"component {component}") from e
+    if todo:
+        verb = "would apply" if plan else "applied"
+        files = ", ".join(m.path.name for m in todo)
+        click.echo(f"{note}{component}: {verb} version {version} ({files})")
+    else:
+        click.echo(f"{note}{component}: version {version}, up to date")
+
+
+def _slot(dsn: str, slot: str, *, plan: bool) -> None:
+    note = "-- " if plan else ""
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+            ).fetchone()
+            if found is not None:
+                if found[0] != "wal2json":
+                    raise ConfigError(f"slot {slot!r} exists with plugin {found[0]!r}")
+                click.echo(f"{note}slot {slot}: exists")
+                return
+            if plan:
+                click.echo(f"{note}slot {slot}: would be created")
+                return
+            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (slot,))
+            conn.execute(
+                "INSERT INTO walsaga.relay_slot (slot_name) VALUES (%s) ON CONFLICT DO NOTHING",
+                (slot,),
+            )
+    except psycopg.Error as e:
+        raise from_psycopg(e, f"creating slot {slot!r}") from e
+    click.echo(f"slot {slot}: created (events are kept for the relay from now on)")
 
 
 def _relay_role(name: str, password_env: str | None) -> RelayRole:
@@ -141,14 +209,20 @@ _CONFIG = click.option(
 )
 
 
-_TIME_FORMATS = [
-    "%Y-%m-%d",
-    "%Y-%m-%dT%H:%M:%S",
-    "%Y-%m-%d %H:%M:%S",
-    "%Y-%m-%d %H:%M:%S%z",
-    "%Y-%m-%d %H:%M:%S.%f%z",
-    "%Y-%m-%dT%H:%M:%S%z",
-]
+class _Timestamp(click.ParamType[datetime]):
+    """An ISO 8601 time as Postgres or people write it ('2026-11-22 10:00:00+00')."""
+
+    name = "TIME"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> datetime:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            self.fail(f"{value!r} is not a time like '2026-11-22 10:00:00+00'", param, ctx)
 
 
 def _load_relay_config(path: Path | None) -> RelayConfig:
@@ -188,7 +262,7 @@ def relay(ctx: click.Context, config_path: Path | None) -> None:
 @click.option("--source", "source_name", help="Which [[source]] (optional when there is one).")
 @click.option(
     "--since",
-    type=click.DateTime(_TIME_FORMATS),
+    type=_Timestamp(),
     help="Re-publish rows created at or after this time (local time unless an offset is given).",
 )
 @click.option("--from-id", help="Re-publish from this event id on (inclusive).")
@@ -230,11 +304,16 @@ def replay(
 @relay.command("reset-slot")
 @_CONFIG
 @click.option("--source", "source_name", help="Which [[source]] (optional when there is one).")
-def reset_slot(config_path: Path | None, source_name: str | None) -> None:
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also reset a slot that is still healthy (its unpublished events are then lost).",
+)
+def reset_slot(config_path: Path | None, source_name: str | None, force: bool) -> None:
     """Forget a lost slot so the relay creates a new one at the current WAL position.
 
     Events written while no slot existed are not published by the new slot:
-    re-publish them first with `walsaga relay replay`.
+    start the relay, then re-publish them with `walsaga relay replay`.
     """
     config = _load_relay_config(config_path)
     source = _source(config, source_name)
@@ -246,10 +325,20 @@ def reset_slot(config_path: Path | None, source_name: str | None) -> None:
             ).fetchone()
             if row is not None and row[0]:
                 raise click.ClickException(f"slot {slot!r} is in use by a running relay")
+            if row is not None and row[1] != "lost" and not force:
+                raise click.ClickException(
+                    f"slot {slot!r} is healthy: resetting it would lose the events it still "
+                    "holds for the relay; start the relay instead (or use --force)"
+                )
+            # Bookkeeping first: once the slot is gone the relay refuses to
+            # start until this row is, so never leave the slot dropped alone.
+            conn.execute("DELETE FROM walsaga.relay_slot WHERE slot_name = %s", (slot,))
             if row is not None:
                 conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-            conn.execute("DELETE FROM walsaga.relay_slot WHERE slot_name = %s", (slot,))
     except psycopg.Error as e:
         click.echo(f"error: {from_psycopg(e, f'source {source.name!r}')}", err=True)
         raise SystemExit(EXIT_ERROR) from None
-    click.echo(f"slot {slot!r} reset: the next `walsaga relay` creates it afresh")
+    click.echo(
+        f"slot {slot!r} reset: the next `walsaga relay` creates it afresh; then re-publish "
+        "what was written meanwhile with `walsaga relay replay --since ...`"
+    )

@@ -39,8 +39,13 @@ def apply_env(
     environ: Mapping[str, str],
     *,
     passthrough: frozenset[str] = frozenset({"kafka"}),
+    tables: frozenset[str] | None = None,
 ) -> list[str]:
-    """Apply ``WALSAGA_*`` overrides to `data` in place; return the variables used."""
+    """Apply ``WALSAGA_*`` overrides to `data` in place; return the variables used.
+
+    Only `tables` are considered (when given): one environment can then hold
+    the settings of several walsaga programs without one tripping another.
+    """
     used = []
     for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or "__" not in var:
@@ -48,6 +53,8 @@ def apply_env(
         parts = var[len(ENV_PREFIX) :].split("__")
         table, rest = parts[0].lower(), parts[1:]
         if not rest or not all(rest):
+            continue
+        if tables is not None and table not in tables:
             continue
         value = _env_value(raw)
         current = data.get(table)
@@ -100,7 +107,12 @@ def load(
             raise ConfigError(f"{where}: no such file") from e
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{where}: not valid TOML: {e}") from e
-    apply_env(data, os.environ if environ is None else environ, passthrough=passthrough)
+    apply_env(
+        data,
+        os.environ if environ is None else environ,
+        passthrough=passthrough,
+        tables=frozenset(model.model_fields),
+    )
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -149,6 +161,13 @@ class SourceConfig(_Strict):
     def _name(cls, v: str) -> str:
         if not _SOURCE_NAME.match(v):
             raise ValueError("use letters, digits, '_', '.' or '-'")
+        return v
+
+    @field_validator("topic_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is not None:
+            check_topic_template(v)
         return v
 
     @field_validator("slot")
@@ -221,7 +240,7 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "compression.type": "none",
 }
 
-_REQUIRED_PRODUCER = {"enable.idempotence": True, "acks": "all"}
+_REQUIRED_PRODUCER = {"enable.idempotence": ("true",), "acks": ("all", "-1")}
 
 
 class RelayConfig(_Strict):
@@ -236,9 +255,10 @@ class RelayConfig(_Strict):
     def _kafka(cls, v: dict[str, Any]) -> dict[str, Any]:
         if "bootstrap.servers" not in v:
             raise ValueError('"bootstrap.servers" is required')
-        for key, required in _REQUIRED_PRODUCER.items():
-            if key in v and str(v[key]).lower() != str(required).lower():
-                raise ValueError(f"{key!r} must stay {required!r}: the relay's guarantee needs it")
+        for key, allowed in _REQUIRED_PRODUCER.items():
+            if key in v and str(v[key]).lower() not in allowed:
+                message = f"{key!r} must stay {allowed[0]!r}: the relay's guarantee needs it"
+                raise ValueError(message)
         return v
 
     @model_validator(mode="after")

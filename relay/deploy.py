@@ -406,6 +406,7 @@ _RELAY_GRANTS = (
     ("table", "walsaga.relay_slot", "SELECT"),
     ("table", "walsaga.relay_slot", "INSERT"),
     ("table", "walsaga.relay_slot", "UPDATE"),
+    ("table", "walsaga.relay_slot", "DELETE"),
 )
 
 

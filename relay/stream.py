@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -372,9 +373,8 @@ def ensure_slot(conn: psycopg.Connection[Any], slot: str, logger: Any) -> int:
         if wal_status == "lost":
             raise SlotLostError(
                 f"slot {slot!r} was invalidated by Postgres (max_slot_wal_keep_size exceeded): "
-                "events in the WAL it needed are gone. Re-publish them from the outbox with "
-                "`walsaga relay replay`, then drop the slot (SELECT pg_drop_replication_slot(...)) "
-                "and run `walsaga relay reset-slot`"
+                "events in the WAL it needed are gone. Run `walsaga relay reset-slot`, start the "
+                "relay, then re-publish from the outbox with `walsaga relay replay --since ...`"
             )
         return parse_lsn(confirmed) if confirmed else 0
     known = conn.execute(
@@ -386,11 +386,14 @@ def ensure_slot(conn: psycopg.Connection[Any], slot: str, logger: Any) -> int:
     ).fetchone()
     if known is not None:
         created_at, last_lsn, seen_at = known
+        since = (seen_at or created_at) - timedelta(minutes=10)
         raise SlotLostError(
             f"slot {slot!r}, created by the relay at {created_at}, has disappeared "
             f"(last confirmed {last_lsn or 'unknown'} at {seen_at or 'unknown'}): events written "
-            "since may never have been published. Re-publish them with `walsaga relay replay "
-            f"--since '{seen_at or created_at}'`, then start afresh with `walsaga relay reset-slot`"
+            "since may never have been published. Run `walsaga relay reset-slot`, start the "
+            "relay, then re-publish what it may have missed with `walsaga relay replay --since "
+            f"'{since.isoformat(sep=' ', timespec='seconds')}'` (a margin before the last "
+            "confirmation: a transaction may have started earlier than it committed)"
         )
     try:
         conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (slot,))

@@ -262,3 +262,37 @@ def test_a_vanished_slot_is_reported_never_silently_recreated(
     relay.launch()
     relay.wait_streaming("orders")
     assert relay.terminate() == 0
+
+
+def test_a_slot_made_at_deploy_keeps_events_written_before_the_relay_first_runs(
+    tmp_path: Path, empty_db: str, broker: str
+) -> None:
+    out = subprocess.run(
+        [WALSAGA, "deploy", "--dsn", empty_db, "--with", "saga", "--slot", "walsaga_early"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "saga: applied version" in out.stdout
+    assert "slot walsaga_early: created" in out.stdout
+    with psycopg.connect(empty_db) as conn:
+        assert conn.execute("SELECT to_regclass('walsaga.saga') IS NOT NULL").fetchone() == (True,)
+    topic = topic_name("early")
+    create_topics(broker, [topic], partitions=2)
+    ids = write_events(empty_db, 40, aggregatetype=topic)  # no relay yet
+    config = relay_toml(tmp_path / "early.toml", bootstrap=broker, sources={"early": empty_db})
+    config.write_text(config.read_text() + 'slot = "walsaga_early"\n')
+    relay = RelayProcess(config, tmp_path / "early.log", http_port=0)
+    relay.launch()
+    try:
+        records = consume(broker, [topic], until=lambda r: len(r) >= 40, timeout_s=60)
+        assert sorted(headers_of(m)["id"] for m in records) == sorted(ids)
+        # A healthy slot is not reset by accident.
+        assert relay.terminate() == 0
+        refused = subprocess.run(
+            [WALSAGA, "relay", "reset-slot", "--config", str(config)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode != 0
+        assert "is healthy" in refused.stderr
+    finally:
+        relay.kill()
