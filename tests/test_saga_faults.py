@@ -243,3 +243,40 @@ def test_a_compensation_that_fails_is_retried_and_ends_failed_when_it_never_succ
         for t in threads:
             t.join(30)
         relay.kill()
+
+
+def test_two_orchestrator_instances_share_the_sagas_and_one_can_die(
+    tmp_path: Path, make_database: Any, broker: str
+) -> None:
+    with running_shop(tmp_path, make_database, broker, "orchestration", credit={"k": 1e6}) as shop:
+        second = orders.participant(
+            dsn=shop.orders_dsn,
+            kafka={"bootstrap.servers": broker},
+            mode="orchestration",
+            orchestrator=orders.orchestrator(),
+        )
+        thread = threading.Thread(target=second.run, daemon=True)
+        thread.start()
+        try:
+            wait_until(second.ready.is_set, timeout_s=60, what="the second instance's partitions")
+            first_half = [shop.order("k", 10) for _ in range(30)]
+            shop.wait_settled(first_half)
+            # The first instance goes away mid-stream; the second carries on.
+            second_half = [shop.order("k", 10) for _ in range(30)]
+            shop.stop_participant("order-service")
+            statuses = shop.wait_settled(second_half, timeout_s=90)
+            assert set(statuses.values()) == {"APPROVED"}
+            handled = [
+                p.metrics.handled.labels(p.name, "handled")._value.get()
+                for p in (shop.participants["order-service"], second)
+            ]
+            assert all(n > 0 for n in handled), f"both instances handled replies: {handled}"
+            shop.assert_consistent()
+            with psycopg.connect(shop.orders_dsn) as conn:
+                for order_id in first_half + second_half:
+                    state = saga_status(conn, order_id)
+                    assert state is not None
+                    assert state.status == "COMPLETED"
+        finally:
+            second.stop()
+            thread.join(30)
