@@ -59,6 +59,7 @@ def test_kill_9_at_random_moments_loses_nothing(
     seen = ids_in(records)
     assert set(seen) == set(written), "every committed event was published"
     repeats = sum(seen.values()) - len(seen)
+    print(f"kill -9 x8: {len(written)} events, {repeats} repeats ({repeats / len(written):.1%})")
     # Repeats are allowed (at-least-once) but only from the unacknowledged window.
     assert repeats < len(written) * 0.2, f"{repeats} repeats for {len(written)} events"
     values = {}

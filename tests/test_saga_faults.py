@@ -248,7 +248,8 @@ def test_a_compensation_that_fails_is_retried_and_ends_failed_when_it_never_succ
 def test_two_orchestrator_instances_share_the_sagas_and_one_can_die(
     tmp_path: Path, make_database: Any, broker: str
 ) -> None:
-    with running_shop(tmp_path, make_database, broker, "orchestration", credit={"k": 1e6}) as shop:
+    credit = {f"k{i}": 1e6 for i in range(8)}  # replies are keyed by customer: spread them
+    with running_shop(tmp_path, make_database, broker, "orchestration", credit=credit) as shop:
         second = orders.participant(
             dsn=shop.orders_dsn,
             kafka={"bootstrap.servers": broker},
@@ -259,10 +260,10 @@ def test_two_orchestrator_instances_share_the_sagas_and_one_can_die(
         thread.start()
         try:
             wait_until(second.ready.is_set, timeout_s=60, what="the second instance's partitions")
-            first_half = [shop.order("k", 10) for _ in range(30)]
+            first_half = [shop.order(f"k{i % 8}", 10) for i in range(30)]
             shop.wait_settled(first_half)
             # The first instance goes away mid-stream; the second carries on.
-            second_half = [shop.order("k", 10) for _ in range(30)]
+            second_half = [shop.order(f"k{i % 8}", 10) for i in range(30)]
             shop.stop_participant("order-service")
             statuses = shop.wait_settled(second_half, timeout_s=90)
             assert set(statuses.values()) == {"APPROVED"}

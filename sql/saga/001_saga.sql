@@ -71,7 +71,7 @@ DECLARE
 BEGIN
     INSERT INTO walsaga.semantic_lock AS l (resource, saga_id, expires_at)
     VALUES (acquire_lock.resource, acquire_lock.saga, now() + ttl)
-    ON CONFLICT (resource) DO UPDATE
+    ON CONFLICT ON CONSTRAINT semantic_lock_pkey DO UPDATE
         SET saga_id = EXCLUDED.saga_id, acquired_at = now(), expires_at = EXCLUDED.expires_at
         WHERE l.saga_id = EXCLUDED.saga_id OR l.expires_at < now()
     RETURNING l.saga_id INTO holder;
