@@ -26,7 +26,7 @@ from participants.examples import customers, orders
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
 from participants.saga import SagaDefinition
-from tests.support import WALSAGA, RelayProcess, create_topics, wait_until
+from tests.support import WALSAGA, RelayProcess, create_topics, wait_all_assigned, wait_until
 
 TOPICS = [orders.ORDER_TOPIC, orders.CUSTOMER_TOPIC, orders.CUSTOMER_COMMANDS]
 
@@ -99,13 +99,7 @@ class Shop:
         self.threads[name].join(30)
 
     def wait_ready(self) -> None:
-        for name, participant in self.participants.items():
-            wait_until(
-                lambda p=participant, n=name: p.ready.is_set() or not self.threads[n].is_alive(),
-                timeout_s=60,
-                what=f"{name} assigned partitions",
-            )
-            assert self.threads[name].is_alive(), f"{name} stopped"
+        wait_all_assigned(self.participants, self.threads)
 
     def order(self, customer_id: str, total: float) -> str:
         with psycopg.connect(self.orders_dsn) as conn:

@@ -39,6 +39,17 @@ def wait_until(
         time.sleep(interval_s)
 
 
+def wait_all_assigned(participants: dict[str, Any], threads: dict[str, Any]) -> None:
+    """Wait until every participant running in `threads` has partitions (or died)."""
+    for name, participant in participants.items():
+        wait_until(
+            lambda p=participant, n=name: p.ready.is_set() or not threads[n].is_alive(),
+            timeout_s=60,
+            what=f"{name} assigned partitions",
+        )
+        assert threads[name].is_alive(), f"{name} stopped"
+
+
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 4) -> None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics(

@@ -20,7 +20,7 @@ from participants.examples.travel import car, flight, hotel, trip
 from participants.orchestrator import Orchestrator, saga_log
 from participants.runtime import Participant
 from participants.saga import SagaDefinition
-from tests.support import RelayProcess, create_topics, wait_until
+from tests.support import RelayProcess, create_topics, wait_all_assigned, wait_until
 
 TOPICS = [
     *(topic for b in trip.BOOKINGS for topic in (b.commands, b.events)),
@@ -65,13 +65,7 @@ class Travel:
         self.threads[name].join(30)
 
     def wait_ready(self) -> None:
-        for name, participant in self.participants.items():
-            wait_until(
-                lambda p=participant, n=name: p.ready.is_set() or not self.threads[n].is_alive(),
-                timeout_s=60,
-                what=f"{name} service assigned partitions",
-            )
-            assert self.threads[name].is_alive(), f"{name} service stopped"
+        wait_all_assigned(self.participants, self.threads)
 
     def connect(self, name: str) -> psycopg.Connection[Any]:
         return psycopg.connect(self.dsns[name], autocommit=True)
