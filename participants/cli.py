@@ -270,7 +270,13 @@ def order_service(
 @click.option("--trips", "n_trips", type=click.IntRange(min=0), default=15, show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True, help="Order service port.")
 @click.option("--serve", is_flag=True, help="Keep everything running until Ctrl-C.")
-@click.option("--fresh", is_flag=True, help="Start from empty databases.")
+@click.option(
+    "--keep/--fresh",
+    default=False,
+    show_default=True,
+    help="Reuse the databases of the last run (credit already taken stays taken), "
+    "or start from empty ones.",
+)
 def demo(
     directory: Path,
     mode: str,
@@ -278,7 +284,7 @@ def demo(
     n_trips: int,
     port: int,
     serve: bool,
-    fresh: bool,
+    keep: bool,
 ) -> None:
     """Run everything on this machine (Postgres clusters, broker, relay, services),
     a batch of sagas with progress, and a summary."""
@@ -292,7 +298,7 @@ def demo(
         trips=n_trips,
         serve=serve,
         port=port,
-        fresh=fresh,
+        fresh=not keep,
     )
     try:
         status = run_demo(options)

@@ -148,8 +148,11 @@ class Demo:
     # -- starting ------------------------------------------------------------
 
     def start(self) -> None:
-        if self.options.fresh and self.dir.exists():
-            shutil.rmtree(self.dir)
+        if self.options.fresh:
+            # Only what the demo itself made: --dir may name a folder that
+            # holds other things too.
+            shutil.rmtree(self.dir / "postgres", ignore_errors=True)
+            shutil.rmtree(self.dir / "logs", ignore_errors=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "logs").mkdir(exist_ok=True)
         with self.console.status("starting one Postgres cluster per service ..."):
