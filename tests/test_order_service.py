@@ -205,6 +205,7 @@ def test_orders_are_approved_within_credit_and_rejected_beyond_it(
         assert 'walsaga_participant_messages_total{outcome="handled"' in metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
 def test_a_client_learns_the_outcome_by_waiting_polling_events_or_webhook(
     tmp_path: Path, make_database: Any, broker: str, mode: str

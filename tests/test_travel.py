@@ -249,6 +249,7 @@ def test_when_a_booking_fails_the_holds_taken_are_released(
         site.assert_consistent([first, hotel_full, no_car, no_flight])
 
 
+@pytest.mark.slow
 def test_holds_expire_unless_confirmed_and_a_late_confirmation_rejects_the_trip(
     tmp_path: Path, make_database: Any, broker: str
 ) -> None:
