@@ -26,7 +26,6 @@ class HandlerContext:
         self.conn = conn
         self.message = message
         self.participant = participant
-        self.published: list[str] = []
 
     def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
         return self.conn.execute(query, params)

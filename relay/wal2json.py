@@ -105,7 +105,7 @@ def _event_from_columns(cols: list[dict[str, Any]], xid: int | None, ts: str | N
     # cheaper than building a dict per row, which remains the fallback.
     try:
         c0, c1, c2, c3, c4, c5 = cols[0], cols[1], cols[2], cols[3], cols[4], cols[5]
-        if not (
+        if (
             c0["name"] == "id"
             and c1["name"] == "aggregatetype"
             and c2["name"] == "aggregateid"
@@ -113,14 +113,20 @@ def _event_from_columns(cols: list[dict[str, Any]], xid: int | None, ts: str | N
             and c4["name"] == "payload"
             and c5["name"] == "headers"
         ):
-            return _event_from_row({c["name"]: c["value"] for c in cols}, xid, ts)
-        headers_text = c5["value"]
-        payload = c4["value"]
+            values = (c0["value"], c1["value"], c2["value"], c3["value"], c4["value"])
+            headers_text = c5["value"]
+        else:
+            row = {c["name"]: c["value"] for c in cols}
+            values = tuple(
+                row[k] for k in ("id", "aggregatetype", "aggregateid", "type", "payload")
+            )
+            headers_text = row.get("headers")
+        event_id, aggregatetype, aggregateid, type_, payload = values
         return OutboxEvent(
-            c0["value"],
-            c1["value"],
-            c2["value"],
-            c3["value"],
+            event_id,
+            aggregatetype,
+            aggregateid,
+            type_,
             payload.encode() if payload is not None else b"null",
             _row_headers(headers_text),
             xid,
@@ -128,24 +134,6 @@ def _event_from_columns(cols: list[dict[str, Any]], xid: int | None, ts: str | N
         )
     except (IndexError, KeyError, TypeError, AttributeError, orjson.JSONDecodeError) as e:
         raise DecodeError(f"unreadable outbox row: {cols!r}"[:500]) from e
-
-
-def _event_from_row(row: dict[str, Any], xid: int | None, ts: str | None) -> OutboxEvent:
-    try:
-        headers = _row_headers(row.get("headers"))
-        payload = row["payload"]
-        return OutboxEvent(
-            row["id"],
-            row["aggregatetype"],
-            row["aggregateid"],
-            row["type"],
-            payload.encode() if payload is not None else b"null",
-            headers,
-            xid,
-            ts,
-        )
-    except (KeyError, AttributeError, orjson.JSONDecodeError) as e:
-        raise DecodeError(f"outbox row without a usable {e}: {row!r}"[:500]) from e
 
 
 def _row_headers(text: str | None) -> dict[str, Any] | None:
