@@ -31,7 +31,7 @@ from pathlib import Path
 
 import psycopg
 
-from participants.embedded import LocalPostgres, postgres_bindir
+from participants.examples.embedded import LocalPostgres, postgres_bindir
 from relay import deploy
 from relay.capture import load_spec
 

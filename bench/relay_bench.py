@@ -37,9 +37,9 @@ from pathlib import Path
 
 import psycopg
 
-from participants.embedded import EmbeddedBroker, LocalPostgres, free_port, postgres_bindir
-from relay import schema
+from participants.examples.embedded import EmbeddedBroker, LocalPostgres, free_port, postgres_bindir
 from relay.wal2json import PLUGIN_OPTIONS
+from walsaga import schema
 
 
 def slot_active_at(conn: psycopg.Connection, slot: str, timeout_s: float = 60) -> float:

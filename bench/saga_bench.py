@@ -36,8 +36,8 @@ from pathlib import Path
 
 import psycopg
 
-from participants.embedded import EmbeddedBroker, LocalPostgres, free_port, wait_for_port
 from participants.examples import customers, orders
+from participants.examples.embedded import EmbeddedBroker, LocalPostgres, free_port, wait_for_port
 
 WALSAGA = str(Path(sys.executable).parent / "walsaga")
 

@@ -42,12 +42,12 @@ from typing import Any, Literal
 
 import orjson
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from participants.handlers import HandlerContext, Route
 from participants.message import Message, UnreadableMessageError
 from participants.runtime import Participant
-from relay.config import load
+from walsaga.config import Strict, load
 
 _PARAM = re.compile(r"(?<![:\w]):([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)")
 
@@ -107,11 +107,7 @@ class SqlHandler:
         ctx.execute(self._query, params)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HandlerConfig(_Strict):
+class HandlerConfig(Strict):
     topic: str
     type: str | None = None
     sql: str
@@ -127,12 +123,12 @@ class HandlerConfig(_Strict):
         return v
 
 
-class ScheduleConfig(_Strict):
+class ScheduleConfig(Strict):
     sql: str
     every_s: float = Field(gt=0)
 
 
-class ParticipantSettings(_Strict):
+class ParticipantSettings(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     dsn: str
     batch_size: int = Field(default=200, ge=1, le=10000)
@@ -141,6 +137,8 @@ class ParticipantSettings(_Strict):
     max_attempts: int = Field(default=5, ge=1)
     dead_letter_topic: str | None = None
     business_sqlstates: list[str] = Field(default_factory=list)
+    #: How long a stop may take: the batch under way, committing offsets, leaving the group.
+    shutdown_timeout_s: float = Field(default=5.0, gt=0, le=300)
     http_port: int | None = Field(default=None, ge=0, le=65535)
     http_host: str = "0.0.0.0"
     log_format: Literal["console", "json"] = "console"
@@ -155,7 +153,7 @@ class ParticipantSettings(_Strict):
         return v
 
 
-class ParticipantConfig(_Strict):
+class ParticipantConfig(Strict):
     participant: ParticipantSettings
     kafka: dict[str, Any] = Field(default_factory=dict)
     handler: list[HandlerConfig] = Field(min_length=1)
@@ -185,6 +183,7 @@ def build(config: ParticipantConfig) -> Participant:
         dead_letter_topic=settings.dead_letter_topic,
         business_sqlstates=settings.business_sqlstates,
         workers=settings.workers,
+        shutdown_timeout_s=settings.shutdown_timeout_s,
     )
     for h in config.handler:
         participant.add_route(

@@ -3,7 +3,7 @@ and ``publish`` (events leave only through the outbox).
 
 A handler is ``handler(ctx, message)``. It runs inside the participant's
 database transaction (under a savepoint of its own); raising
-:class:`~relay.errors.BusinessError` turns the message into a failure event,
+:class:`~walsaga.errors.BusinessError` turns the message into a failure event,
 anything the runtime cannot classify is retried and finally dead-lettered.
 """
 
@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.types.json import Jsonb
 
+from participants import commit
 from participants.message import Message
 
 
@@ -29,6 +30,10 @@ class HandlerContext:
 
     def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
         return self.conn.execute(query, params)
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once this transaction has committed (never if it rolls back)."""
+        commit.after_commit(self.conn, callback)
 
     def publish(
         self,

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from relay.errors import PermanentError
+from walsaga.errors import PermanentError
 
 #: Headers that travel from a message to the events its handler publishes.
 CORRELATION_HEADERS = ("saga_id", "saga_type")

@@ -22,12 +22,13 @@ import structlog
 from prometheus_client import Counter
 from psycopg.types.json import Jsonb
 
+from participants import commit
 from participants import saga as machine
 from participants.handlers import HandlerContext, Route
 from participants.message import Message
 from participants.runtime import Participant
-from participants.saga import Effect, Log, Reply, RunLocal, SagaDefinition, SagaState, SendCommand
-from relay.errors import BusinessError, SetupError
+from participants.saga import Effect, Log, Reply, RunLocal, Saga, SagaState, SendCommand
+from walsaga.errors import BusinessError, SetupError
 
 log = structlog.get_logger("walsaga.orchestrator")
 
@@ -89,9 +90,7 @@ def _state(row: tuple[Any, ...]) -> SagaState:
 class Orchestrator:
     """Runs the sagas of some definitions; replies arrive through a :class:`Participant`."""
 
-    def __init__(
-        self, definitions: Iterable[SagaDefinition], *, name: str = "orchestrator"
-    ) -> None:
+    def __init__(self, definitions: Iterable[Saga], *, name: str = "orchestrator") -> None:
         self.definitions = {d.name: d for d in definitions}
         self.name = name
         self._m_ended: Any = None
@@ -123,7 +122,7 @@ class Orchestrator:
     def start(
         self,
         conn: psycopg.Connection[Any],
-        definition: str | SagaDefinition,
+        definition: str | Saga,
         saga_id: str,
         data: dict[str, Any],
     ) -> SagaState:
@@ -135,8 +134,10 @@ class Orchestrator:
         state, writes = self._apply(conn, defn, state, effects, now)
         writes.statements.append((f"INSERT INTO walsaga.saga ({_COLUMNS}) VALUES ({_VALUES})",
                                   self._row(state)))  # fmt: skip
-        self._after(writes, state, None)
+        self._after(conn, writes, state, None, in_runtime=False)
         writes.flush(conn)
+        # Counted when written: start() runs in the caller's transaction,
+        # whose commit the orchestrator does not see.
         if self._m_started is not None:
             self._m_started.labels(defn.name).inc()
         return state
@@ -181,7 +182,7 @@ class Orchestrator:
     def _advance(
         self,
         conn: psycopg.Connection[Any],
-        defn: SagaDefinition,
+        defn: Saga,
         state: SagaState,
         transition: Any,
         *args: Any,
@@ -204,13 +205,13 @@ class Orchestrator:
                      new.status in machine.TERMINAL, new.id),
                 )
             )  # fmt: skip
-            self._after(writes, new, state)
+            self._after(conn, writes, new, state)
         writes.flush(conn)
 
     def _apply(
         self,
         conn: psycopg.Connection[Any],
-        defn: SagaDefinition,
+        defn: Saga,
         state: SagaState,
         effects: list[Effect],
         now: float,
@@ -268,19 +269,37 @@ class Orchestrator:
             s.refusals,
         )
 
-    def _after(self, writes: _Writes, new: SagaState, old: SagaState | None) -> None:
+    def _after(
+        self,
+        conn: psycopg.Connection[Any],
+        writes: _Writes,
+        new: SagaState,
+        old: SagaState | None,
+        *,
+        in_runtime: bool = True,
+    ) -> None:
         if new.status in machine.TERMINAL and (old is None or old.status != new.status):
             notice = {"id": new.id, "definition": new.definition, "status": new.status}
             writes.statements.append(
                 ("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, orjson.dumps(notice).decode()))
             )
-            if self._m_ended is not None:
-                self._m_ended.labels(new.definition, new.status).inc()
-            if new.status == machine.FAILED:
-                log.error("saga FAILED: compensation could not finish", saga=new.id,
-                          definition=new.definition, reason=new.reason)  # fmt: skip
+            # Counted and logged once the runtime has committed the transition:
+            # a batch that rolls back and is retried must not count it twice.
+            # (A saga that ends within start() runs in the caller's
+            # transaction, which the runtime does not see: counted at once.)
+            if in_runtime:
+                commit.after_commit(conn, lambda: self._ended(new))
+            else:
+                self._ended(new)
 
-    def _definition(self, name: str) -> SagaDefinition:
+    def _ended(self, new: SagaState) -> None:
+        if self._m_ended is not None:
+            self._m_ended.labels(new.definition, new.status).inc()
+        if new.status == machine.FAILED:
+            log.error("saga FAILED: compensation could not finish", saga=new.id,
+                      definition=new.definition, reason=new.reason)  # fmt: skip
+
+    def _definition(self, name: str) -> Saga:
         try:
             return self.definitions[name]
         except KeyError:

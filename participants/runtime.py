@@ -8,10 +8,16 @@ that transaction commits. Replies, failure events and dead letters are written
 to the outbox in the same transaction: the runtime never produces to Kafka.
 
 Records are handled in batches: one transaction per batch, a savepoint per
-record. A transient error (lost connection, serialization failure, deadlock)
-rolls the batch back and retries it with backoff; a business failure becomes
-a failure event; a record that cannot be handled at all goes to the
-dead-letter topic with the reason in its headers, and the partition moves on.
+record where the handler may fail for a business reason. What a failure means
+is decided by :func:`participants.outcome.classify_failure`; this module only
+carries it out: roll back and retry the batch after a backoff (one record per
+transaction from then on, so a record that keeps failing holds back only
+itself), publish a failure event, or dead-letter the record.
+
+Stopping is bounded (``shutdown_timeout_s``): the batch under way finishes or
+is abandoned, stored offsets are committed if the broker answers in time,
+and the consumer is closed; offsets left uncommitted mean repeats after the
+restart, which the inbox absorbs.
 """
 
 from __future__ import annotations
@@ -24,24 +30,25 @@ from typing import Any
 
 import psycopg
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import Consumer, KafkaError, KafkaException
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from participants.handlers import Handler, HandlerContext, Route, failure_payload, publish
-from participants.message import Message, UnreadableMessageError
-from relay.errors import BusinessError, PermanentError, SetupError, is_transient_sqlstate
+from participants import commit, replies
+from participants.handlers import Handler, HandlerContext, Route
+from participants.kafka import consumer_settings, ensure_topics, next_offsets
+from participants.message import Message
+from participants.outcome import Outcome, classify_failure
+from participants.schedule import Schedule
+from walsaga.errors import SetupError, from_psycopg, is_transient_sqlstate
+from walsaga.http import new_registry
+from walsaga.retry import BackoffPolicy
 
 log = structlog.get_logger("walsaga.participant")
-
-#: SQLSTATE class reserved for business-rule failures raised by SQL handlers:
-#: ``RAISE EXCEPTION '...' USING ERRCODE = 'WS001'``.
-BUSINESS_SQLSTATE_CLASS = "WS"
 
 
 @dataclass
 class ParticipantMetrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    registry: CollectorRegistry = field(default_factory=new_registry)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -63,14 +70,6 @@ class ParticipantMetrics:
             ["participant"],
             registry=r,
         )
-
-
-@dataclass
-class _Periodic:
-    interval_s: float
-    task: Callable[[psycopg.Connection[Any]], object]
-    name: str
-    due: float = 0.0
 
 
 class _RetryBatchError(Exception):
@@ -96,6 +95,7 @@ class Participant:
         retry_min_s: float = 0.05,
         retry_max_s: float = 5.0,
         inbox_retention_s: float = 7 * 24 * 3600,
+        shutdown_timeout_s: float = 5.0,
         metrics: ParticipantMetrics | None = None,
     ) -> None:
         self.name = name
@@ -108,20 +108,20 @@ class Participant:
         self.poll_timeout_s = poll_timeout_s
         self.topic_partitions = topic_partitions
         self.workers = max(1, workers)
-        self.retry_min_s = retry_min_s
-        self.retry_max_s = retry_max_s
+        self.retry = BackoffPolicy(min_s=retry_min_s, max_s=retry_max_s)
+        self.inbox_retention_s = inbox_retention_s
+        self.shutdown_timeout_s = shutdown_timeout_s
         self.metrics = metrics or ParticipantMetrics()
         self.routes: list[Route] = []
         self.stop_event = threading.Event()
         self.ready = threading.Event()  # set once the consumer has partitions
-        self._periodic: list[_Periodic] = []
+        self.log = log.bind(participant=name)
+        self.schedule = Schedule(self.log)
         self._attempts: dict[str, int] = {}
         self._local = threading.local()  # each worker thread's connection
-        self.log = log.bind(participant=name)
         self._m_retries = self.metrics.retries.labels(name)
         self._m_batch = self.metrics.batch_seconds.labels(name)
         self.every(60.0, self._trim_inbox, name="inbox retention")
-        self.inbox_retention_s = inbox_retention_s
 
     # -- configuration -----------------------------------------------------
 
@@ -153,7 +153,7 @@ class Participant:
         name: str = "",
     ) -> None:
         """Run ``task(conn)`` in its own transaction every `interval_s` (between batches)."""
-        self._periodic.append(_Periodic(interval_s, task, name or getattr(task, "__name__", "?")))
+        self.schedule.every(interval_s, task, name=name)
 
     @property
     def topics(self) -> list[str]:
@@ -165,27 +165,13 @@ class Participant:
                 return route
         return None
 
+    def consumer_settings(self) -> dict[str, Any]:
+        return consumer_settings(self.name, self.kafka, error_cb=self._on_kafka_error)
+
     # -- running -----------------------------------------------------------
 
     def stop(self) -> None:
         self.stop_event.set()
-
-    def consumer_settings(self) -> dict[str, Any]:
-        return {
-            "group.id": self.name,
-            "auto.offset.reset": "earliest",
-            "auto.commit.interval.ms": 500,
-            "session.timeout.ms": 6000,
-            "heartbeat.interval.ms": 1000,
-            "fetch.wait.max.ms": 20,
-            "partition.assignment.strategy": "cooperative-sticky",
-            **self.kafka,
-            # Not negotiable: offsets are stored by hand after each database
-            # commit and committed in the background from what was stored.
-            "enable.auto.commit": True,
-            "enable.auto.offset.store": False,
-            "error_cb": self._on_kafka_error,
-        }
 
     def _on_assign(self, consumer: Any, partitions: Any) -> None:
         self.ready.set()
@@ -205,7 +191,7 @@ class Participant:
             raise SetupError(f"participant {self.name!r} has no handlers")
         self._check_database()
         if self.topic_partitions:
-            self._create_missing_topics()
+            ensure_topics(self.kafka, self.topics, partitions=self.topic_partitions, log=self.log)
         self.log.info("consuming", topics=self.topics, workers=self.workers)
         failures: list[BaseException] = []
 
@@ -228,8 +214,9 @@ class Participant:
             self.stop_event.set()  # the other workers go with it
             raise
         finally:
+            deadline = time.monotonic() + self.shutdown_timeout_s
             for thread in extra:
-                thread.join()
+                thread.join(max(0.0, deadline - time.monotonic()))
             self.log.info("stopped")
         if failures:
             raise failures[0]
@@ -239,73 +226,86 @@ class Participant:
         consumer.subscribe(self.topics, on_assign=self._on_assign)
         try:
             while not self.stop_event.is_set():
-                # What the client has fetched already, without waiting; if
-                # nothing, wait for one record and take what came with it.
-                # (consume(n, timeout) alone waits for n records or the whole
-                # timeout, which would add the timeout to every hop of a saga.)
-                records = consumer.consume(self.batch_size, 0)
-                if not records:
-                    first = consumer.poll(self.poll_timeout_s)
-                    if first is not None:
-                        records = [first, *consumer.consume(self.batch_size - 1, 0)]
-                batch = []
-                for record in records:
-                    err = record.error()
-                    if err is None:
-                        batch.append(record)
-                    elif err.code() != KafkaError._PARTITION_EOF:
-                        self.log.warning("consume error", error=err.str())
+                batch = self._next_batch(consumer)
                 if batch:
                     messages = [Message.from_kafka(r) for r in batch]
                     if not self.handle(messages):
                         break  # stopped while retrying: leave the offsets alone
                     try:
-                        consumer.store_offsets(offsets=_next_offsets(batch))
+                        consumer.store_offsets(offsets=next_offsets(batch))
                     except KafkaException as e:
                         # Partitions revoked meanwhile: their new owner sees the
                         # records again and the inbox skips them.
                         self.log.info("offsets not stored", error=str(e))
                 if index == 0:
-                    self._run_periodic()
+                    self.schedule.run_due(
+                        self._connection,
+                        committed=commit.committed,
+                        rolled_back=commit.rolled_back,
+                    )
         finally:
-            consumer.close()  # commits what was stored
+            self._close(consumer)
             conn = getattr(self._local, "conn", None)
             if conn is not None:
                 conn.close()
 
+    def _next_batch(self, consumer: Consumer) -> list[Any]:
+        # What the client has fetched already, without waiting; if nothing,
+        # wait for one record and take what came with it. (consume(n, timeout)
+        # alone waits for n records or the whole timeout, which would add the
+        # timeout to every hop of a saga.)
+        records = consumer.consume(self.batch_size, 0)
+        if not records:
+            first = consumer.poll(self.poll_timeout_s)
+            if first is not None:
+                records = [first, *consumer.consume(self.batch_size - 1, 0)]
+        batch = []
+        for record in records:
+            err = record.error()
+            if err is None:
+                batch.append(record)
+            elif err.code() != KafkaError._PARTITION_EOF:
+                self.log.warning("consume error", error=err.str())
+        return batch
+
+    def _close(self, consumer: Consumer) -> None:
+        """Commit stored offsets and leave the group, within the shutdown bound.
+
+        ``Consumer.close()`` waits for the broker as long as it takes; with the
+        broker gone that is forever. It runs in a thread of its own and is
+        abandoned at the bound: the offsets it could not commit mean repeats
+        after the restart, which the inbox drops.
+        """
+        done = threading.Event()
+
+        def close() -> None:
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as e:
+                self.log.info("consumer closed with an error", error=str(e))
+            finally:
+                done.set()
+
+        threading.Thread(target=close, name=f"{self.name}-close", daemon=True).start()
+        if not done.wait(self.shutdown_timeout_s * 0.8):
+            self.log.warning(
+                "kafka did not answer the close in time: leaving without committing offsets "
+                "(the records are delivered again after the restart, the inbox drops repeats)",
+                within_s=self.shutdown_timeout_s,
+            )
+
     def _check_database(self) -> None:
         conn = self._connection()
-        with conn.transaction():
-            row = conn.execute("SELECT to_regclass('walsaga.inbox') IS NOT NULL").fetchone()
+        try:
+            with conn.transaction():
+                row = conn.execute("SELECT to_regclass('walsaga.inbox') IS NOT NULL").fetchone()
+        except psycopg.Error as e:
+            raise from_psycopg(e, f"participant {self.name!r}") from e
         if not (row and row[0]):
             raise SetupError(
                 f"participant {self.name!r}: its database has no walsaga schema; "
                 "deploy it first with: walsaga deploy --dsn <dsn of that database>"
             )
-
-    def _create_missing_topics(self) -> None:
-        """Create the subscribed topics that do not exist yet (a consumer of a
-        missing topic would not notice it appear for minutes)."""
-        connection = ("bootstrap.", "security.", "sasl.", "ssl.", "client.")
-        admin = AdminClient({k: v for k, v in self.kafka.items() if k.startswith(connection)})
-        try:
-            existing = set(admin.list_topics(timeout=10).topics)
-        except KafkaException as e:
-            self.log.warning("cannot list topics", error=str(e))
-            return
-        missing = [t for t in self.topics if t not in existing]
-        if not missing:
-            return
-        futures = admin.create_topics(
-            [NewTopic(t, num_partitions=self.topic_partitions or 1) for t in missing]
-        )
-        for topic, future in futures.items():
-            try:
-                future.result(10)
-                self.log.info("created topic", topic=topic, partitions=self.topic_partitions)
-            except KafkaException as e:
-                if e.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                    self.log.warning("cannot create topic", topic=topic, error=str(e))
 
     # -- handling ----------------------------------------------------------
 
@@ -313,17 +313,20 @@ class Participant:
         conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
         if conn is not None and not conn.closed and not conn.broken:
             return conn
-        delay = self.retry_min_s
+        backoff = self.retry.backoff()
         while True:
             try:
                 self._local.conn = conn = psycopg.connect(self.dsn, connect_timeout=10)
                 return conn
             except psycopg.OperationalError as e:
-                if self.stop_event.is_set():
-                    raise
-                self.log.warning("database unreachable, retrying", error=str(e), retry_in_s=delay)
+                error = from_psycopg(e, f"participant {self.name!r}: cannot connect")
+                if self.stop_event.is_set() or isinstance(error, SetupError):
+                    raise error from e
+                delay = backoff.next_delay()
+                self.log.warning(
+                    "database unreachable, retrying", error=str(e), retry_in_s=round(delay, 2)
+                )
                 self.stop_event.wait(delay)
-                delay = min(delay * 2, self.retry_max_s)
 
     def handle(self, messages: Sequence[Message]) -> bool:
         """Handle a batch until it commits; False if stopped before that.
@@ -332,14 +335,16 @@ class Participant:
         so a record that keeps failing holds back only itself, and reaches
         the dead-letter topic after ``max_attempts``.
         """
-        delay = self.retry_min_s
+        backoff = self.retry.backoff()
         isolate = False
         while True:
             started = time.monotonic()
             try:
                 conn = self._connection()
-            except psycopg.OperationalError:
-                return False
+            except (psycopg.OperationalError, SetupError):
+                if self.stop_event.is_set():
+                    return False
+                raise
             try:
                 if isolate:
                     for message in messages:
@@ -354,31 +359,38 @@ class Participant:
                 reason = f"connection lost: {e}"
             self._m_retries.inc()
             isolate = len(messages) > 1
-            self.log.warning("batch rolled back, retrying", reason=reason, retry_in_s=delay)
+            delay = backoff.next_delay()
+            self.log.warning(
+                "batch rolled back, retrying", reason=reason, retry_in_s=round(delay, 3)
+            )
             if self.stop_event.wait(delay):
                 return False
-            delay = min(delay * 2, self.retry_max_s)
 
     def _handle_batch(
         self, conn: psycopg.Connection[Any], messages: Sequence[Message], *, isolated: bool = False
     ) -> None:
-        outcomes: list[str] = []
+        outcomes: list[Outcome] = []
         try:
             with conn.transaction():
                 fresh = self._claim(conn, messages)
                 for message in messages:
                     key = message.dedupe_key
                     if key not in fresh:
-                        outcomes.append("duplicate")
+                        outcomes.append(Outcome.DUPLICATE)
                         continue
                     fresh.discard(key)  # a second copy in the same batch is a duplicate
                     outcomes.append(self._handle_one(conn, message, isolated))
         except psycopg.Error as e:
+            commit.rolled_back(conn)
             if conn.broken:
                 raise
             if is_transient_sqlstate(e.sqlstate):
                 raise _RetryBatchError(f"{type(e).__name__}: {e}") from e
             raise _RetryBatchError(f"commit failed: {e}") from e
+        except BaseException:
+            commit.rolled_back(conn)
+            raise
+        commit.committed(conn)
         for outcome in outcomes:
             self.metrics.handled.labels(self.name, outcome).inc()
         for message in messages:
@@ -397,7 +409,9 @@ class Participant:
         ).fetchall()
         return {r[0] for r in rows}
 
-    def _handle_one(self, conn: psycopg.Connection[Any], message: Message, isolated: bool) -> str:
+    def _handle_one(
+        self, conn: psycopg.Connection[Any], message: Message, isolated: bool
+    ) -> Outcome:
         route = self.route_for(message)
         compensates = message.headers.get("compensates")
         if compensates:
@@ -409,7 +423,7 @@ class Participant:
                 (self.name, compensates),
             )
         if route is None:
-            return "ignored"
+            return Outcome.IGNORED
         ctx = HandlerContext(conn, message, self.name)
         try:
             if route.savepoint or isolated:
@@ -422,97 +436,38 @@ class Participant:
                     route.handler(ctx, message)
                 except psycopg.Error as e:
                     raise _RetryBatchError(f"{message.describe()}: {e}") from e
-            return "handled"
-        except BusinessError as e:
-            self._failure_event(conn, route, message, e.reason, e.code)
-            return "business_failure"
-        except UnreadableMessageError as e:
-            self._dead_letter(conn, message, str(e))
-            return "dead_letter"
-        except psycopg.Error as e:
-            if conn.broken:
-                raise
-            sqlstate = e.sqlstate or ""
-            if sqlstate.startswith(BUSINESS_SQLSTATE_CLASS) or sqlstate in self.business_sqlstates:
-                reason = e.diag.message_primary or str(e)
-                self._failure_event(conn, route, message, reason, sqlstate)
-                return "business_failure"
-            if is_transient_sqlstate(sqlstate):
-                raise _RetryBatchError(f"{message.describe()}: {e}") from e
-            return self._unexpected(conn, message, e)
-        except PermanentError as e:
-            self._dead_letter(conn, message, str(e))
-            return "dead_letter"
+            return Outcome.HANDLED
+        except _RetryBatchError:
+            raise
         except Exception as e:
-            return self._unexpected(conn, message, e)
+            if isinstance(e, psycopg.Error) and conn.broken:
+                raise
+            return self._failed(conn, route, message, e)
 
-    def _unexpected(self, conn: psycopg.Connection[Any], message: Message, e: Exception) -> str:
+    def _failed(
+        self, conn: psycopg.Connection[Any], route: Route, message: Message, error: Exception
+    ) -> Outcome:
         key = message.dedupe_key
         attempts = self._attempts.get(key, 0) + 1
-        self._attempts[key] = attempts
-        reason = f"{type(e).__name__}: {e}"
-        if attempts >= self.max_attempts:
-            self.log.error("giving up on a record", record=message.describe(), error=reason)
-            self._dead_letter(conn, message, f"failed {attempts} times: {reason}")
-            return "dead_letter"
-        self.log.warning(
-            "handler failed", record=message.describe(), error=reason, attempt=attempts
+        verdict = classify_failure(
+            error,
+            attempts=attempts,
+            max_attempts=self.max_attempts,
+            business_sqlstates=self.business_sqlstates,
         )
-        raise _RetryBatchError(f"{message.describe()}: {reason}") from e
-
-    def _failure_event(
-        self, conn: psycopg.Connection[Any], route: Route, message: Message, reason: str, code: str
-    ) -> None:
-        self.log.info("business failure", record=message.describe(), reason=reason)
-        if not route.failure_event:
-            return
-        failure_type = route.failure_type or f"{message.type or 'Message'}Failed"
-        publish(
-            conn,
-            route.failure_topic or self.name,
-            message.key or "",
-            failure_type,
-            failure_payload(route, message, reason, code),
-            message.correlation(),
-        )
-
-    def _dead_letter(self, conn: psycopg.Connection[Any], message: Message, reason: str) -> None:
-        self.log.error("dead-lettered", record=message.describe(), reason=reason)
-        headers = {
-            **message.correlation(),
-            "walsaga.deadletter.reason": reason[:1000],
-            "walsaga.deadletter.consumer": self.name,
-            "walsaga.deadletter.topic": message.topic,
-            "walsaga.deadletter.partition": str(message.partition),
-            "walsaga.deadletter.offset": str(message.offset),
-            "walsaga.deadletter.id": message.id,
-        }
-        payload = {"headers": message.headers, **message.value_for_dead_letter()}
-        publish(
-            conn,
-            self.dead_letter_topic,
-            message.key or "",
-            message.type or "Unknown",
-            payload,
-            headers,
-        )
+        if verdict.outcome is Outcome.BUSINESS_FAILURE:
+            replies.failure_event(conn, self.name, route, message, verdict.reason, verdict.code)
+        elif verdict.outcome is Outcome.DEAD_LETTER:
+            replies.dead_letter(conn, self.name, self.dead_letter_topic, message, verdict.reason)
+        else:
+            self._attempts[key] = attempts
+            self.log.warning(
+                "handler failed", record=message.describe(), error=verdict.reason, attempt=attempts
+            )
+            raise _RetryBatchError(f"{message.describe()}: {verdict.reason}") from error
+        return verdict.outcome
 
     # -- periodic work -----------------------------------------------------
-
-    def _run_periodic(self) -> None:
-        now = time.monotonic()
-        for job in self._periodic:
-            if now < job.due:
-                continue
-            job.due = now + job.interval_s
-            try:
-                conn = self._connection()
-                with conn.transaction():
-                    job.task(conn)
-            except psycopg.Error as e:
-                self.log.warning("periodic task failed", task=job.name, error=str(e))
-            except Exception as e:
-                self.log.error("periodic task failed", task=job.name, error=repr(e))
 
     def _trim_inbox(self, conn: psycopg.Connection[Any]) -> None:
         conn.execute(
@@ -520,12 +475,3 @@ class Participant:
             "AND processed_at < now() - make_interval(secs => %s)",
             (self.name, self.inbox_retention_s),
         )
-
-
-def _next_offsets(records: Sequence[Any]) -> list[TopicPartition]:
-    """The offsets to commit after `records`: one past the last of each partition."""
-    last: dict[tuple[str, int], int] = {}
-    for r in records:
-        key = (r.topic(), r.partition())
-        last[key] = max(last.get(key, -1), r.offset())
-    return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]

@@ -118,7 +118,7 @@ class Step:
 
 
 @dataclass(frozen=True)
-class SagaDefinition:
+class Saga:
     name: str
     steps: tuple[Step, ...]
     version: int = 1
@@ -199,9 +199,7 @@ def idempotency_key(
     return f"{key}/{refusals}" if refusals else key
 
 
-def start(
-    definition: SagaDefinition, saga_id: str, data: Data, now: float
-) -> tuple[SagaState, list[Effect]]:
+def start(definition: Saga, saga_id: str, data: Data, now: float) -> tuple[SagaState, list[Effect]]:
     state = SagaState(saga_id, definition.name, definition.version, RUNNING, 0, 0, 0, dict(data))
     effects: list[Effect] = [Log("STARTED", None, {"data": data})]
     state = _enter_step(definition, state, 0, now, effects)
@@ -209,7 +207,7 @@ def start(
 
 
 def on_reply(
-    definition: SagaDefinition, state: SagaState, reply: Reply, now: float
+    definition: Saga, state: SagaState, reply: Reply, now: float
 ) -> tuple[SagaState, list[Effect]]:
     effects: list[Effect] = []
     detail = {"type": reply.type, "message_id": reply.message_id}
@@ -249,9 +247,7 @@ def on_reply(
     return state, effects
 
 
-def on_timeout(
-    definition: SagaDefinition, state: SagaState, now: float
-) -> tuple[SagaState, list[Effect]]:
+def on_timeout(definition: Saga, state: SagaState, now: float) -> tuple[SagaState, list[Effect]]:
     """The deadline passed: resend the command, or give the step up."""
     effects: list[Effect] = []
     if state.status in TERMINAL or state.deadline is None:
@@ -280,7 +276,7 @@ def on_timeout(
 
 
 def on_local_result(
-    definition: SagaDefinition,
+    definition: Saga,
     state: SagaState,
     result: Data | None,
     error: str | None,
@@ -316,7 +312,7 @@ def on_local_result(
 
 
 def _enter_step(
-    definition: SagaDefinition, state: SagaState, index: int, now: float, effects: list[Effect]
+    definition: Saga, state: SagaState, index: int, now: float, effects: list[Effect]
 ) -> SagaState:
     if index >= len(definition.steps):
         effects.append(Log(COMPLETED, None, {}))
@@ -330,7 +326,7 @@ def _enter_step(
 
 
 def _send_command(
-    definition: SagaDefinition, state: SagaState, now: float, effects: list[Effect]
+    definition: Saga, state: SagaState, now: float, effects: list[Effect]
 ) -> SagaState:
     step = definition.steps[state.step]
     assert step.command is not None
@@ -340,7 +336,7 @@ def _send_command(
 
 
 def _send_compensation(
-    definition: SagaDefinition, state: SagaState, now: float, effects: list[Effect]
+    definition: Saga, state: SagaState, now: float, effects: list[Effect]
 ) -> SagaState:
     step = definition.steps[state.step]
     if step.compensate is not None:
@@ -353,7 +349,7 @@ def _send_compensation(
 
 
 def _command(
-    definition: SagaDefinition,
+    definition: Saga,
     state: SagaState,
     step: Step,
     command: Command,
@@ -376,7 +372,7 @@ def _command(
 
 
 def _begin_compensation(
-    definition: SagaDefinition,
+    definition: Saga,
     state: SagaState,
     now: float,
     effects: list[Effect],
@@ -393,7 +389,7 @@ def _begin_compensation(
 
 
 def _next_compensation(
-    definition: SagaDefinition, state: SagaState, index: int, now: float, effects: list[Effect]
+    definition: Saga, state: SagaState, index: int, now: float, effects: list[Effect]
 ) -> SagaState:
     while index >= 0 and not definition.steps[index].compensable:
         index -= 1

@@ -1,6 +1,6 @@
 """Capture specs: which writes of a legacy table become events.
 
-A spec is a TOML file of ``[[capture]]`` entries (format in ARCHITECTURE.md §1).
+A spec is a TOML file of ``[[capture]]`` entries (format in docs/capture.md).
 This module loads and checks a spec, resolves it against a database's catalog
 and generates one trigger, with its function, per entry and operation;
 :mod:`relay.deploy` installs them. An entry's ``mode`` says how its trigger
@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from relay.errors import SpecError
+from walsaga.errors import SpecError
 
 Operation = Literal["insert", "update", "delete"]
 OPERATIONS: tuple[Operation, ...] = ("insert", "update", "delete")

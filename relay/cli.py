@@ -12,17 +12,16 @@ import click
 import psycopg
 from confluent_kafka import Producer
 
-from relay import daemon, logs, outbox, schema
+from relay import daemon, outbox, slot
 from relay import deploy as deploying
 from relay.capture import CaptureSpec, load_spec
 from relay.config import RelayConfig, SourceConfig, load_relay_config
 from relay.deploy import DeployReport, RelayRole
-from relay.errors import ConfigError, WalsagaError, from_psycopg
 from relay.routing import Router
-
-# Exit status for every error walsaga reports itself (bad spec, unreachable
-# database...), the same as click's for a bad command line.
-EXIT_ERROR = 2
+from walsaga import logs, schema
+from walsaga.cli import fail
+from walsaga.errors import ConfigError, WalsagaError, from_psycopg
+from walsaga.logs import kafka_logger
 
 
 @click.command()
@@ -92,9 +91,7 @@ def deploy(
         if slot is not None:
             _slot(dsn, slot, plan=plan)
     except WalsagaError as e:
-        # One line: a multi-line server message is folded into it.
-        click.echo("error: " + "; ".join(line.strip() for line in str(e).splitlines()), err=True)
-        raise SystemExit(EXIT_ERROR) from None
+        fail(e)
 
 
 def _component(dsn: str, component: str, *, plan: bool) -> None:
@@ -118,29 +115,25 @@ def _component(dsn: str, component: str, *, plan: bool) -> None:
         click.echo(f"{note}{component}: version {version}, up to date")
 
 
-def _slot(dsn: str, slot: str, *, plan: bool) -> None:
+def _slot(dsn: str, name: str, *, plan: bool) -> None:
     note = "-- " if plan else ""
     try:
         with psycopg.connect(dsn, autocommit=True) as conn:
             found = conn.execute(
-                "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+                "SELECT plugin FROM pg_replication_slots WHERE slot_name = %s", (name,)
             ).fetchone()
             if found is not None:
                 if found[0] != "wal2json":
-                    raise ConfigError(f"slot {slot!r} exists with plugin {found[0]!r}")
-                click.echo(f"{note}slot {slot}: exists")
+                    raise ConfigError(f"slot {name!r} exists with plugin {found[0]!r}")
+                click.echo(f"{note}slot {name}: exists")
                 return
             if plan:
-                click.echo(f"{note}slot {slot}: would be created")
+                click.echo(f"{note}slot {name}: would be created")
                 return
-            conn.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (slot,))
-            conn.execute(
-                "INSERT INTO walsaga.relay_slot (slot_name) VALUES (%s) ON CONFLICT DO NOTHING",
-                (slot,),
-            )
+            slot.create_slot(conn, name)
     except psycopg.Error as e:
-        raise from_psycopg(e, f"creating slot {slot!r}") from e
-    click.echo(f"slot {slot}: created (events are kept for the relay from now on)")
+        raise from_psycopg(e, f"creating slot {name!r}") from e
+    click.echo(f"slot {name}: created (events are kept for the relay from now on)")
 
 
 def _relay_role(name: str, password_env: str | None) -> RelayRole:
@@ -225,12 +218,14 @@ class _Timestamp(click.ParamType[datetime]):
             self.fail(f"{value!r} is not a time like '2026-11-22 10:00:00+00'", param, ctx)
 
 
-def _load_relay_config(path: Path | None) -> RelayConfig:
+def _load_relay_config(ctx: click.Context, path: Path | None) -> RelayConfig:
+    """The config named here, else the one given to ``walsaga relay --config``."""
+    if path is None and ctx.parent is not None and ctx.parent.obj:
+        path = ctx.parent.obj.get("config_path")
     try:
         return load_relay_config(path)
     except WalsagaError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(EXIT_ERROR) from None
+        fail(e)
 
 
 def _source(config: RelayConfig, name: str | None) -> SourceConfig:
@@ -250,9 +245,10 @@ def _source(config: RelayConfig, name: str | None) -> SourceConfig:
 @click.pass_context
 def relay(ctx: click.Context, config_path: Path | None) -> None:
     """Tail each source's WAL and publish its outbox events to Kafka (runs until SIGTERM)."""
+    ctx.obj = {"config_path": config_path}
     if ctx.invoked_subcommand is not None:
         return
-    config = _load_relay_config(config_path)
+    config = _load_relay_config(ctx, config_path)
     logs.configure(config.relay.log_level, config.relay.log_format)
     raise SystemExit(daemon.run(config))
 
@@ -266,18 +262,23 @@ def relay(ctx: click.Context, config_path: Path | None) -> None:
     help="Re-publish rows created at or after this time (local time unless an offset is given).",
 )
 @click.option("--from-id", help="Re-publish from this event id on (inclusive).")
+@click.pass_context
 def replay(
-    config_path: Path | None, source_name: str | None, since: datetime | None, from_id: str | None
+    ctx: click.Context,
+    config_path: Path | None,
+    source_name: str | None,
+    since: datetime | None,
+    from_id: str | None,
 ) -> None:
     """Re-publish retained outbox rows, e.g. after a lost slot. Consumers drop repeats by id."""
     if (since is None) == (from_id is None):
         raise click.UsageError("give exactly one of --since and --from-id")
-    config = _load_relay_config(config_path)
+    config = _load_relay_config(ctx, config_path)
     logs.configure(config.relay.log_level, config.relay.log_format)
     source = _source(config, source_name)
     if since is not None and since.tzinfo is None:
         since = since.astimezone()
-    producer = Producer(config.producer_settings())
+    producer = Producer({**config.producer_settings(), "logger": kafka_logger()})
     router = Router(config.template_for(source), source.name)
     try:
         with psycopg.connect(source.dsn) as conn:
@@ -290,11 +291,9 @@ def replay(
                 progress=lambda n: click.echo(f"  {n} events re-published", err=True),
             )
     except psycopg.Error as e:
-        click.echo(f"error: {from_psycopg(e, f'source {source.name!r}')}", err=True)
-        raise SystemExit(EXIT_ERROR) from None
+        fail(from_psycopg(e, f"source {source.name!r}"))
     except WalsagaError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(EXIT_ERROR) from None
+        fail(e)
     span = ""
     if report.first_created_at is not None:
         span = f" (created {report.first_created_at} .. {report.last_created_at})"
@@ -309,36 +308,25 @@ def replay(
     is_flag=True,
     help="Also reset a slot that is still healthy (its unpublished events are then lost).",
 )
-def reset_slot(config_path: Path | None, source_name: str | None, force: bool) -> None:
+@click.pass_context
+def reset_slot(
+    ctx: click.Context, config_path: Path | None, source_name: str | None, force: bool
+) -> None:
     """Forget a lost slot so the relay creates a new one at the current WAL position.
 
     Events written while no slot existed are not published by the new slot:
     start the relay, then re-publish them with `walsaga relay replay`.
     """
-    config = _load_relay_config(config_path)
+    config = _load_relay_config(ctx, config_path)
     source = _source(config, source_name)
-    slot = source.slot_name
     try:
         with psycopg.connect(source.dsn, autocommit=True) as conn:
-            row = conn.execute(
-                "SELECT active, wal_status FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-            ).fetchone()
-            if row is not None and row[0]:
-                raise click.ClickException(f"slot {slot!r} is in use by a running relay")
-            if row is not None and row[1] != "lost" and not force:
-                raise click.ClickException(
-                    f"slot {slot!r} is healthy: resetting it would lose the events it still "
-                    "holds for the relay; start the relay instead (or use --force)"
-                )
-            # Bookkeeping first: once the slot is gone the relay refuses to
-            # start until this row is, so never leave the slot dropped alone.
-            conn.execute("DELETE FROM walsaga.relay_slot WHERE slot_name = %s", (slot,))
-            if row is not None:
-                conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            slot.reset_slot(conn, source.slot_name, force=force)
     except psycopg.Error as e:
-        click.echo(f"error: {from_psycopg(e, f'source {source.name!r}')}", err=True)
-        raise SystemExit(EXIT_ERROR) from None
+        fail(from_psycopg(e, f"source {source.name!r}"))
+    except WalsagaError as e:
+        fail(e)
     click.echo(
-        f"slot {slot!r} reset: the next `walsaga relay` creates it afresh; then re-publish "
-        "what was written meanwhile with `walsaga relay replay --since ...`"
+        f"slot {source.slot_name!r} reset: the next `walsaga relay` creates it afresh; then "
+        "re-publish what was written meanwhile with `walsaga relay replay --since ...`"
     )

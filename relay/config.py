@@ -1,154 +1,26 @@
-"""Configuration files: one loader at the edge, TOML plus ``WALSAGA_*`` overrides.
+"""The relay's configuration: the shape of ``relay.toml``.
 
-Every key of a file can also come from the environment:
-``WALSAGA_<TABLE>__<KEY>`` sets ``[table] key`` (``WALSAGA_RELAY__HTTP_PORT=9200``);
-in a pass-through table such as ``[kafka]``, underscores become dots
-(``WALSAGA_KAFKA__BOOTSTRAP_SERVERS`` sets ``"bootstrap.servers"``); in an array
-of tables such as ``[[source]]``, the element is picked by its ``name``
-(``WALSAGA_SOURCE__CUSTOMERS__DSN``). Values are read as TOML when they parse
-(numbers, booleans) and as strings otherwise. Errors name the key and the file.
+Loaded by :func:`walsaga.config.load` (TOML plus ``WALSAGA_*`` overrides):
+``WALSAGA_RELAY__HTTP_PORT=9200``, ``WALSAGA_KAFKA__BOOTSTRAP_SERVERS=...``,
+``WALSAGA_SOURCE__CUSTOMERS__DSN=...``.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
+import string
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from relay.errors import ConfigError
-
-ENV_PREFIX = "WALSAGA_"
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def _env_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_env(
-    data: dict[str, Any],
-    environ: Mapping[str, str],
-    *,
-    passthrough: frozenset[str] = frozenset({"kafka"}),
-    tables: frozenset[str] | None = None,
-) -> list[str]:
-    """Apply ``WALSAGA_*`` overrides to `data` in place; return the variables used.
-
-    Only `tables` are considered (when given): one environment can then hold
-    the settings of several walsaga programs without one tripping another.
-    """
-    used = []
-    for var, raw in sorted(environ.items()):
-        if not var.startswith(ENV_PREFIX) or "__" not in var:
-            continue
-        parts = var[len(ENV_PREFIX) :].split("__")
-        table, rest = parts[0].lower(), parts[1:]
-        if not rest or not all(rest):
-            continue
-        if tables is not None and table not in tables:
-            continue
-        value = _env_value(raw)
-        current = data.get(table)
-        if isinstance(current, list):
-            if len(rest) < 2:
-                continue
-            name = rest[0].lower()
-            element = next(
-                (
-                    e
-                    for e in current
-                    if isinstance(e, dict) and str(e.get("name", "")).lower() == name
-                ),
-                None,
-            )
-            if element is None:
-                raise ConfigError(f"{var}: no [[{table}]] named {rest[0].lower()!r} to override")
-            _set(element, [r.lower() for r in rest[1:]], value)
-        elif table in passthrough:
-            data.setdefault(table, {})[".".join(rest).lower().replace("_", ".")] = value
-        else:
-            target = data.setdefault(table, {})
-            if not isinstance(target, dict):
-                continue
-            _set(target, [r.lower() for r in rest], value)
-        used.append(var)
-    return used
-
-
-def _set(target: dict[str, Any], path: list[str], value: Any) -> None:
-    for key in path[:-1]:
-        target = target.setdefault(key, {})
-    target[path[-1]] = value
-
-
-def load(
-    path: str | Path | None,
-    model: type[M],
-    *,
-    environ: Mapping[str, str] | None = None,
-    passthrough: frozenset[str] = frozenset({"kafka"}),
-) -> M:
-    """Read `path` (or only the environment when None) into `model`."""
-    where = str(path) if path is not None else "environment"
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError as e:
-            raise ConfigError(f"{where}: no such file") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{where}: not valid TOML: {e}") from e
-    apply_env(
-        data,
-        os.environ if environ is None else environ,
-        passthrough=passthrough,
-        tables=frozenset(model.model_fields),
-    )
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(f"{where}: {describe(e, data)}") from e
-
-
-def describe(error: ValidationError, data: Any = None) -> str:
-    """One line per problem: ``relay.http_port: Input should be a valid integer``."""
-    lines = []
-    for problem in error.errors():
-        parts: list[str] = []
-        node = data
-        for loc in problem["loc"]:
-            if isinstance(loc, int) and isinstance(node, list) and loc < len(node):
-                node = node[loc]
-                name = node.get("name") if isinstance(node, dict) else None
-                parts[-1] = f"{parts[-1]}[{name!r}]" if name else f"{parts[-1]}[{loc}]"
-                continue
-            parts.append(str(loc))
-            node = node.get(loc) if isinstance(node, dict) else None
-        key = ".".join(parts) or "(top level)"
-        message = problem["msg"]
-        if problem["type"] == "extra_forbidden":
-            message = "unknown key"
-        lines.append(f"{key}: {message}")
-    return "; ".join(lines)
-
+from walsaga.config import Strict, load
 
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SourceConfig(_Strict):
+class SourceConfig(Strict):
     """One source database and the slot the relay reads it through."""
 
     name: str
@@ -184,7 +56,7 @@ class SourceConfig(_Strict):
         return "walsaga_" + re.sub(r"[^a-z0-9_]", "_", self.name.lower())[:55]
 
 
-class RelaySettings(_Strict):
+class RelaySettings(Strict):
     """The ``[relay]`` table."""
 
     topic_template: str = "{aggregatetype}"
@@ -199,6 +71,10 @@ class RelaySettings(_Strict):
     #: Published outbox rows are deleted after this long (0: at once).
     outbox_retention_s: float = Field(default=3600.0, ge=0)
     cleanup_interval_s: float = Field(default=10.0, gt=0)
+    #: How long a stop may take: events in flight to be acknowledged and the
+    #: last position confirmed. What is not acknowledged by then is sent
+    #: again by the next run (consumers drop repeats by ``id``).
+    shutdown_timeout_s: float = Field(default=5.0, gt=0, le=300)
     #: Backoff bounds when Postgres or Kafka is unreachable.
     retry_min_s: float = Field(default=0.2, gt=0)
     retry_max_s: float = Field(default=10.0, gt=0)
@@ -216,8 +92,6 @@ TEMPLATE_FIELDS = frozenset({"aggregatetype", "type", "source"})
 
 
 def check_topic_template(template: str) -> None:
-    import string
-
     names = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
     unknown = names - TEMPLATE_FIELDS
     if unknown:
@@ -243,7 +117,7 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
 _REQUIRED_PRODUCER = {"enable.idempotence": ("true",), "acks": ("all", "-1")}
 
 
-class RelayConfig(_Strict):
+class RelayConfig(Strict):
     """A whole ``relay.toml``."""
 
     kafka: dict[str, Any] = Field(default_factory=dict)

@@ -9,19 +9,19 @@ with a non-zero status, so a supervisor notices.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
-from types import FrameType
 from typing import Any
 
 import structlog
 
 from relay.config import RelayConfig
-from relay.errors import SetupError, SlotLostError
-from relay.metrics import RelayMetrics, serve_http
+from relay.metrics import RelayMetrics
 from relay.stream import SourceStream
 from relay.wal2json import format_lsn
+from walsaga.errors import SetupError, SlotLostError
+from walsaga.http import serve_http
+from walsaga.lifecycle import Shutdown
 
 log = structlog.get_logger("walsaga.relay")
 
@@ -112,15 +112,17 @@ class Relay:
 
 
 def run(config: RelayConfig) -> int:
-    """Run the relay in the foreground until SIGTERM/SIGINT; return the exit status."""
+    """Run the relay in the foreground until SIGTERM/SIGINT; return the exit status.
+
+    A stop takes at most ``[relay] shutdown_timeout_s``: in-flight events get
+    most of it to be acknowledged and confirmed; past it the process exits
+    anyway (a second signal: at once), and the next run sends again what was
+    not confirmed.
+    """
     relay = Relay(config)
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("stopping", signal=signal.Signals(signum).name)
-        relay.stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    shutdown = Shutdown(grace_s=config.relay.shutdown_timeout_s, name="relay")
+    shutdown.on_stop(relay.stop)
+    shutdown.install()
     relay.start()
     while not relay.stop_event.wait(0.5):
         pass
@@ -132,4 +134,5 @@ def run(config: RelayConfig) -> int:
             kind = "crashed"
         log.error(f"relay stopped: {kind}", error=str(failure))
     log.info("relay exited", status=status, shutdown_s=round(time.monotonic() - started, 3))
+    shutdown.done()
     return status

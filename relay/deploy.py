@@ -21,9 +21,9 @@ import psycopg
 from psycopg import errors as pgerr
 from psycopg import sql
 
-from relay import schema
 from relay.capture import Capture, CaptureSpec, resolve, trigger_type
-from relay.errors import SetupError, SpecError, TransientError, WalsagaError, from_psycopg
+from walsaga import schema
+from walsaga.errors import SetupError, SpecError, TransientError, WalsagaError, from_psycopg
 
 CaptureAction = Literal["installed", "unchanged", "replaced", "dropped"]
 RoleAction = Literal["created", "updated", "unchanged"]

@@ -1,20 +1,15 @@
-"""Prometheus metrics and the health report of the relay, served over HTTP.
+"""The relay's Prometheus instruments, labelled by source, and its latency window.
 
-``/metrics`` is the Prometheus text format; ``/healthz`` answers 200 while every
-source is streaming or standing by, 503 otherwise, with a JSON body per source.
+Served with the health report by :func:`walsaga.http.serve_http`.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
-from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
-from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import orjson
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from walsaga.http import new_registry
 
 LATENCY_BUCKETS = (
     0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
@@ -26,7 +21,7 @@ class RelayMetrics:
     """The relay's instruments, labelled by source."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        self.registry = registry or new_registry()
         r = self.registry
         self.events = Counter(
             "walsaga_relay_events_published", "Events acknowledged by Kafka", ["source"], registry=r
@@ -87,35 +82,20 @@ class LatencyWindow:
         return [samples[min(len(samples) - 1, int(q * len(samples)))] for q in qs]
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+class SourceMetrics:
+    """The instruments of one source, bound to its label once."""
 
+    def __init__(self, metrics: RelayMetrics, source: str) -> None:
+        self.source = source
+        self.events = metrics.events.labels(source)
+        self.bytes = metrics.bytes.labels(source)
+        self.in_flight = metrics.in_flight.labels(source)
+        self.slot_lag = metrics.slot_lag.labels(source)
+        self.confirmed = metrics.confirmed.labels(source)
+        self.streaming = metrics.streaming.labels(source)
+        self.latency = metrics.latency.labels(source)
+        self.restarts = metrics.restarts.labels(source)
+        self._errors = metrics.errors
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
-
-
-def serve_http(
-    host: str, port: int, registry: CollectorRegistry, health: HealthFn
-) -> tuple[WSGIServer, threading.Thread]:
-    """Serve /healthz and /metrics in a daemon thread; port 0 picks a free one."""
-    metrics_app = make_wsgi_app(registry)
-
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/healthz":
-            ok, report = health()
-            body = orjson.dumps(report, option=orjson.OPT_INDENT_2)
-            status = "200 OK" if ok else "503 Service Unavailable"
-            start_response(status, [("Content-Type", "application/json")])
-            return [body]
-        result: Iterable[bytes] = metrics_app(environ, start_response)
-        return result
-
-    server = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name="walsaga-http", daemon=True)
-    thread.start()
-    return server, thread
+    def error(self, kind: str) -> None:
+        self._errors.labels(self.source, kind).inc()

@@ -20,9 +20,9 @@ import psycopg
 from confluent_kafka import Producer
 from psycopg.rows import dict_row
 
-from relay.errors import PermanentError, TransientError
 from relay.routing import Router
 from relay.wal2json import OutboxEvent, parse_lsn
+from walsaga.errors import PermanentError, TransientError
 
 _BATCH = 10_000
 _MAX_BATCHES_PER_RUN = 20

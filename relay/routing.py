@@ -1,6 +1,6 @@
 """Where each outbox event goes in Kafka: topic, key, value and headers. Pure.
 
-The contract (ARCHITECTURE.md §2): topic from the template (default
+The contract (docs/relay.md, "The Kafka record"): topic from the template (default
 ``{aggregatetype}``), key the aggregate id so one aggregate's events keep their
 order, value the payload JSON, headers ``id``, ``type``, ``aggregatetype``,
 ``aggregateid``, ``source``, ``lsn``, ``xid`` and every entry of the row's

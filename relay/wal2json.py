@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from walsaga.errors import DecodeError
+
 EVENT_PREFIX = "walsaga"
 HEARTBEAT_PREFIX = "walsaga.heartbeat"
 
@@ -30,10 +32,6 @@ PLUGIN_OPTIONS: dict[str, str] = {
 }
 
 _EVENT_FIELDS = ("id", "aggregatetype", "aggregateid", "type")
-
-
-class DecodeError(ValueError):
-    """A message that should be an event but cannot be read as one."""
 
 
 class OutboxEvent:

@@ -21,9 +21,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-
-class DeliveryError(Exception):
-    """Kafka refused an event for good; the stream restarts from the slot."""
+from walsaga.errors import DeliveryError
 
 
 class Group:

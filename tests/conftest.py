@@ -25,8 +25,8 @@ import psycopg
 import pytest
 from psycopg import conninfo, sql
 
-from participants.embedded import EmbeddedBroker, LocalPostgres
-from relay import schema
+from participants.examples.embedded import EmbeddedBroker, LocalPostgres
+from walsaga import schema
 
 
 @dataclass

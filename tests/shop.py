@@ -21,11 +21,11 @@ import httpx
 import psycopg
 
 from participants import declarative
-from participants.embedded import free_port
 from participants.examples import customers, orders
+from participants.examples.embedded import free_port
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
-from participants.saga import SagaDefinition
+from participants.saga import Saga
 from tests.support import WALSAGA, RelayProcess, create_topics, wait_all_assigned, wait_until
 
 TOPICS = [orders.ORDER_TOPIC, orders.CUSTOMER_TOPIC, orders.CUSTOMER_COMMANDS]
@@ -185,7 +185,7 @@ def running_shop(
     mode: orders.Mode,
     *,
     credit: dict[str, float] | None = None,
-    definition: SagaDefinition | None = None,
+    definition: Saga | None = None,
     crash_probability: float = 0.0,
 ) -> Iterator[Shop]:
     orders_dsn = make_database("orders")

@@ -21,7 +21,7 @@ import psycopg
 from confluent_kafka import Consumer, KafkaError, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from participants.embedded import free_port
+from participants.examples.embedded import free_port
 
 WALSAGA = str(Path(sys.executable).parent / "walsaga")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay.capture import Capture, CaptureSpec, Table, load_spec, parse_spec
-from relay.errors import SpecError
+from walsaga.errors import SpecError
 
 ORDERS = """
 [[capture]]

@@ -37,11 +37,11 @@ from click.testing import CliRunner
 from confluent_kafka import Consumer, Producer
 from psycopg import conninfo, sql
 
-from participants.cli import main
 from participants.declarative import ParticipantConfig, build, load_participant_config
 from participants.examples import order_service, travel
 from relay.config import RelayConfig, load_relay_config
-from relay.stream import check_source
+from relay.slot import check_source
+from walsaga.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"

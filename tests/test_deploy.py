@@ -18,12 +18,12 @@ import pytest
 from click.testing import CliRunner, Result
 from psycopg import conninfo, sql
 
-from participants.cli import main
 from relay import deploy, wal2json
 from relay.capture import load_spec
 from relay.deploy import password_matches
-from relay.errors import TransientError
 from relay.wal2json import PLUGIN_OPTIONS, OutboxEvent
+from walsaga.cli import main
+from walsaga.errors import TransientError
 
 LEGACY_SCHEMA = '''
 CREATE TABLE customers (
@@ -782,7 +782,7 @@ def test_a_bad_spec_leaves_an_installed_spec_as_it_was(legacy_db: str, tmp_path:
 
 def test_errors_are_one_line_on_stderr_with_exit_status_2(legacy_db: str, tmp_path: Path) -> None:
     bad = write_spec(tmp_path, ORDER_CREATED.replace('"id"', '"order_id"', 1))
-    walsaga = [sys.executable, "-c", "from participants.cli import main; main()", "deploy"]
+    walsaga = [sys.executable, "-c", "from walsaga.cli import main; main()", "deploy"]
     env = {**os.environ, "WALSAGA_DSN": legacy_db}
     result = subprocess.run([*walsaga, "--spec", bad], capture_output=True, text=True, env=env)
     assert (result.returncode, result.stdout) == (2, "")

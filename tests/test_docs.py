@@ -35,10 +35,10 @@ from pathlib import Path
 import click
 import pytest
 
-from participants.cli import main as walsaga_cli
 from participants.declarative import load_participant_config
 from relay.capture import parse_spec
 from relay.config import load_relay_config
+from walsaga.cli import main as walsaga_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 DIRECTIVES = ("skip", "exec", "from")
@@ -300,8 +300,9 @@ def check_invocation(args: list[str]) -> str | None:
                     return f"`{ctx.command_path} {name}` needs a value"
                 i += 1
             continue
-        if isinstance(command, click.Group) and token in command.commands:
-            command = command.commands[token]
+        sub = command.get_command(ctx, token) if isinstance(command, click.Group) else None
+        if sub is not None:
+            command = sub
             ctx = _context(command, token, ctx)
             arguments = [p for p in command.get_params(ctx) if isinstance(p, click.Argument)]
             arguments_left = sum(999 if p.nargs < 0 else p.nargs for p in arguments)

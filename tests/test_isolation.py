@@ -8,7 +8,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from relay import schema
+from walsaga import schema
 
 
 @pytest.fixture

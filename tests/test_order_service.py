@@ -19,7 +19,7 @@ import httpx
 import psycopg
 import pytest
 
-from participants.embedded import free_port
+from participants.examples.embedded import free_port
 from participants.examples.order_service import ApiError, WebhookPolicy, parse_wait
 from tests.shop import OrderServiceProcess, Shop, running_order_service
 from tests.support import wait_until

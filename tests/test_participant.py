@@ -20,8 +20,8 @@ from participants.declarative import SqlHandler, _placeholders
 from participants.handlers import HandlerContext
 from participants.message import Message
 from participants.runtime import Participant
-from relay.errors import BusinessError
 from tests.support import create_topics, wait_until
+from walsaga.errors import BusinessError
 
 
 def produce(broker: str, topic: str, records: list[dict[str, Any]]) -> None:

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import psycopg
 
-from participants.embedded import EmbeddedBroker, LocalPostgres, free_port
-from relay import schema
+from participants.examples.embedded import EmbeddedBroker, LocalPostgres, free_port
 from tests.support import (
     WALSAGA,
     RelayProcess,
@@ -24,6 +23,7 @@ from tests.support import (
     wait_until,
     write_events,
 )
+from walsaga import schema
 
 
 def topic_name(prefix: str) -> str:

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay.config import RelayConfig, load_relay_config
-from relay.errors import ConfigError
 from relay.routing import UNROUTABLE_TOPIC, Router
 from relay.wal2json import HEARTBEAT, CommitTimes, DecodeError, decode, format_lsn, parse_lsn
 from relay.window import AckWindow, DeliveryError
+from walsaga.errors import ConfigError
 
 
 def insert_message(**overrides: str) -> bytes:
@@ -211,12 +211,38 @@ def test_config_defaults_and_environment_overrides(tmp_path: Path) -> None:
     )
     assert config.relay.http_port == 9300
     assert config.relay.topic_template == "{aggregatetype}"
-    assert config.kafka == {"bootstrap.servers": "kafka:29092", "linger.ms": 5}
+    # librdkafka takes every setting as text: pass-through values stay strings.
+    assert config.kafka == {"bootstrap.servers": "kafka:29092", "linger.ms": "5"}
     assert config.source[0].dsn == "postgresql://relay:secret@db/customers"
     assert config.source[0].slot_name == "walsaga_customers"
     settings = config.producer_settings()
     assert settings["enable.idempotence"] is True
     assert settings["acks"] == "all"
+
+
+def test_environment_values_are_text_unless_the_schema_says_otherwise(tmp_path: Path) -> None:
+    # A secret that looks like a date, a number or a boolean stays the text it is.
+    path = write(tmp_path, GOOD)
+    config = load_relay_config(
+        path,
+        environ={
+            "WALSAGA_SOURCE__CUSTOMERS__DSN": "2024-01-01",
+            "WALSAGA_KAFKA__SASL_PASSWORD": "1e3",
+            "WALSAGA_RELAY__TOPIC_TEMPLATE": "true",
+            "WALSAGA_RELAY__FEEDBACK_INTERVAL_S": "0.5",
+        },
+    )
+    assert config.source[0].dsn == "2024-01-01"
+    assert config.kafka["sasl.password"] == "1e3"
+    assert config.relay.topic_template == "true"
+    assert config.relay.feedback_interval_s == 0.5
+
+
+def test_a_bad_environment_value_names_its_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError) as info:
+        load_relay_config(path, environ={"WALSAGA_RELAY__HTTP_PORT": "high"})
+    assert "relay.http_port (from WALSAGA_RELAY__HTTP_PORT)" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -105,7 +105,7 @@ def test_a_postgres_restart_mid_stream_loses_nothing(
         pytest.skip("needs a cluster the tests can restart")
     dsn: str = make_database()  # type: ignore[operator]
     with psycopg.connect(dsn) as conn:
-        from relay import schema
+        from walsaga import schema
 
         schema.apply(conn, "core")
     topic = topic_name("order")

@@ -20,11 +20,11 @@ from participants.handlers import HandlerContext
 from participants.message import Message
 from participants.orchestrator import Orchestrator, saga_log, saga_status
 from participants.runtime import Participant
-from participants.saga import Command, RetryPolicy, SagaDefinition, Step
-from relay import schema
-from relay.errors import BusinessError
+from participants.saga import Command, RetryPolicy, Saga, Step
 from tests.shop import TOPICS, Shop, running_shop
 from tests.support import RelayProcess, consume, create_topics, wait_until
+from walsaga import schema
+from walsaga.errors import BusinessError
 
 pytestmark = pytest.mark.slow
 
@@ -186,7 +186,7 @@ def test_a_compensation_that_fails_is_retried_and_ends_failed_when_it_never_succ
         schema.apply(conn, "core")
         schema.apply(conn, "saga")
     undo = Command(f"{name}-commands", "GiveBack", lambda d: d["id"])
-    definition = SagaDefinition(
+    definition = Saga(
         "guarded",
         (
             Step("take", command=Command(f"{name}-commands", "Take", lambda d: d["id"]),

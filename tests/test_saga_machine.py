@@ -13,7 +13,7 @@ from participants.saga import (
     Reply,
     RetryPolicy,
     RunLocal,
-    SagaDefinition,
+    Saga,
     SendCommand,
     Step,
 )
@@ -34,7 +34,7 @@ def remote(name: str, *, compensable: bool = True, **kw: Any) -> Step:
     )
 
 
-TRIP = SagaDefinition("trip", (remote("Flight"), remote("Hotel"), remote("Car")))
+TRIP = Saga("trip", (remote("Flight"), remote("Hotel"), remote("Car")))
 
 
 def reply(type: str, **payload: Any) -> Reply:
@@ -89,7 +89,7 @@ def test_a_business_failure_compensates_completed_steps_in_reverse_order() -> No
 
 
 def test_a_timeout_resends_the_same_command_then_gives_up_and_compensates_it_too() -> None:
-    defn = SagaDefinition("t", (remote("A"), remote("B", retry=RetryPolicy(max_attempts=2))))
+    defn = Saga("t", (remote("A"), remote("B", retry=RetryPolicy(max_attempts=2))))
     state, _ = saga.start(defn, "s1", {"key": "k"}, now=0)
     state, _ = saga.on_reply(defn, state, reply("ADone"), now=1)
     assert state.deadline == 11
@@ -108,7 +108,7 @@ def test_a_timeout_resends_the_same_command_then_gives_up_and_compensates_it_too
 
 
 def test_a_compensation_that_keeps_failing_ends_failed_never_compensated() -> None:
-    defn = SagaDefinition(
+    defn = Saga(
         "t",
         (remote("A", compensation_retry=RetryPolicy(max_attempts=3, backoff_s=1)), remote("B")),
     )
@@ -147,7 +147,7 @@ def test_local_steps_run_in_the_orchestrator_and_feed_back() -> None:
     def approve(conn: Any, data: dict[str, Any]) -> dict[str, Any]:
         return {"approved": True}
 
-    defn = SagaDefinition(
+    defn = Saga(
         "order",
         (
             Step("create", action=lambda c, d: None, compensate=lambda c, d: None),
@@ -181,7 +181,7 @@ def test_definitions_reject_ambiguous_steps() -> None:
     with pytest.raises(ValueError, match="success reply types"):
         Step("x", command=Command("t", "C", "k"), reply_topic="r")
     with pytest.raises(ValueError, match="unique"):
-        SagaDefinition("d", (remote("A"), remote("A")))
+        Saga("d", (remote("A"), remote("A")))
 
 
 def test_retry_backoff_grows_and_is_capped() -> None:

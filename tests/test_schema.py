@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 
-from relay import schema
+from walsaga import schema
 
 
 def test_core_schema_applies_once_and_reports_nothing_to_do_after(empty_db: str) -> None:

@@ -17,13 +17,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from participants.embedded import free_port
+from participants.examples.embedded import free_port
 from participants.examples.travel import car, flight, holds, hotel, trip
 from participants.handlers import HandlerContext
 from participants.message import Message
-from relay.errors import BusinessError
 from tests.support import WALSAGA
 from tests.travel_support import FIRST_NIGHT, running_travel, wait_until
+from walsaga.errors import BusinessError
 
 D = FIRST_NIGHT
 

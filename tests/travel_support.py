@@ -19,7 +19,7 @@ from participants.examples import travel
 from participants.examples.travel import car, flight, hotel, trip
 from participants.orchestrator import Orchestrator, saga_log
 from participants.runtime import Participant
-from participants.saga import SagaDefinition
+from participants.saga import Saga
 from tests.support import RelayProcess, create_topics, wait_all_assigned, wait_until
 
 TOPICS = [
@@ -179,7 +179,7 @@ def running_travel(
     flights: Mapping[str, int],
     hotels: Mapping[str, int],
     car_classes: Mapping[str, int],
-    saga: SagaDefinition | None = None,
+    saga: Saga | None = None,
     services: tuple[travel.ServiceName, ...] = travel.SERVICES,
 ) -> Iterator[Travel]:
     """The example with this inventory; `services` are started (the others can be later)."""

@@ -52,8 +52,8 @@ from starlette.routing import Route
 from participants.examples import orders
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
-from relay import schema
-from relay.errors import SetupError, from_psycopg
+from walsaga import schema
+from walsaga.errors import SetupError, from_psycopg
 
 log = structlog.get_logger("walsaga.order_service")
 

@@ -31,8 +31,8 @@ from participants.handlers import HandlerContext, publish
 from participants.message import Message
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
-from participants.saga import Command, RetryPolicy, SagaDefinition, Step
-from relay.errors import BusinessError
+from participants.saga import Command, RetryPolicy, Saga, Step
+from walsaga.errors import BusinessError
 
 Mode = Literal["choreography", "orchestration"]
 NOTIFY_CHANNEL = "walsaga_order"
@@ -174,12 +174,10 @@ def _approve_order(conn: Any, data: dict[str, Any]) -> None:
         raise BusinessError(f"order {data['order_id']} is no longer pending")
 
 
-def create_order_saga(
-    *, timeout_s: float = 10.0, retry: RetryPolicy | None = None
-) -> SagaDefinition:
+def create_order_saga(*, timeout_s: float = 10.0, retry: RetryPolicy | None = None) -> Saga:
     """The create-order saga; commands wait `timeout_s` for a reply, resent per `retry`."""
     retry = retry or RetryPolicy()
-    return SagaDefinition(
+    return Saga(
         "create-order",
         steps=(
             # The order row itself is written by create_order(); undoing it
@@ -216,13 +214,13 @@ def create_order_saga(
 CREATE_ORDER = create_order_saga()
 
 
-def orchestrator(definition: SagaDefinition = CREATE_ORDER) -> Orchestrator:
+def orchestrator(definition: Saga = CREATE_ORDER) -> Orchestrator:
     return Orchestrator([definition], name="order-service")
 
 
 def install(conn: psycopg.Connection[Any]) -> None:
     """The order service's tables, with walsaga's core and saga components."""
-    from relay import schema
+    from walsaga import schema
 
     schema.apply(conn, "core")
     schema.apply(conn, "saga")

@@ -14,8 +14,8 @@ from typing import Any
 import psycopg
 
 from participants.declarative import ParticipantConfig, load_participant_config
-from relay import deploy
-from relay.capture import load_spec
+from participants.examples.capture import deploy_capture
+from walsaga import schema
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = HERE / "schema.sql"
@@ -34,12 +34,11 @@ def install(conn: psycopg.Connection[Any], customers: dict[str, float] | None = 
             "ON CONFLICT (id) DO UPDATE SET credit_limit = EXCLUDED.credit_limit",
             (customer_id, f"Customer {customer_id}", limit),
         )
-    conn.commit()
-    deploy.deploy(conn, load_spec(CAPTURE))
-    from relay import schema
-
     with conn.transaction():
+        schema.apply(conn, "core")
         schema.apply(conn, "saga")
+    conn.commit()
+    deploy_capture(conn, CAPTURE)
 
 
 def config(dsn: str, bootstrap_servers: str, **participant: Any) -> ParticipantConfig:

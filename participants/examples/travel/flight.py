@@ -16,7 +16,7 @@ import psycopg
 
 from participants.examples.travel import holds
 from participants.runtime import Participant
-from relay import schema
+from walsaga import schema
 
 COMMANDS = "flight-commands"
 EVENTS = "flight"

@@ -22,7 +22,7 @@ from psycopg import sql
 from participants.handlers import HandlerContext, Route, publish
 from participants.message import Message
 from participants.runtime import Participant
-from relay.errors import BusinessError
+from walsaga.errors import BusinessError
 
 
 @dataclass(frozen=True)

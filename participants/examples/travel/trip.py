@@ -25,9 +25,9 @@ from participants.examples.travel import car, flight, holds, hotel
 from participants.handlers import publish
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
-from participants.saga import Command, RetryPolicy, SagaDefinition, Step
-from relay import schema
-from relay.errors import BusinessError
+from participants.saga import Command, RetryPolicy, Saga, Step
+from walsaga import schema
+from walsaga.errors import BusinessError
 
 EVENTS = "trip"
 NOTIFY_CHANNEL = "walsaga_trip"
@@ -243,7 +243,7 @@ BOOKINGS = (FLIGHT, HOTEL, CAR)
 
 def trip_saga(
     *, timeout_s: float = 10.0, retry: RetryPolicy | None = None, name: str = "trip"
-) -> SagaDefinition:
+) -> Saga:
     """The trip saga; `timeout_s` and `retry` apply to every command it sends.
 
     Steps: hold seats, rooms and a car, then confirm the three, then confirm
@@ -251,7 +251,7 @@ def trip_saga(
     a confirmed booking), so a failed confirmation gives everything back.
     """
     retry = retry or RetryPolicy()
-    return SagaDefinition(
+    return Saga(
         name,
         steps=(
             # The trip row is written by book_trip(); undoing it means rejecting it.
@@ -266,7 +266,7 @@ def trip_saga(
 TRIP = trip_saga()
 
 
-def trip_orchestrator(saga: SagaDefinition = TRIP) -> Orchestrator:
+def trip_orchestrator(saga: Saga = TRIP) -> Orchestrator:
     """An orchestrator of the trip saga (any number may run, on any machine)."""
     return Orchestrator([saga], name="trip-service")
 
@@ -279,7 +279,7 @@ def book_trip(
     request: TripRequest,
     *,
     orchestrator: Orchestrator | None = None,
-    saga: SagaDefinition | None = None,
+    saga: Saga | None = None,
     trip_id: str | None = None,
     hold_s: float = DEFAULT_HOLD_S,
 ) -> str:

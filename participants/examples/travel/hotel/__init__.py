@@ -17,9 +17,8 @@ from typing import Any
 import psycopg
 
 from participants.declarative import ParticipantConfig, build, load_participant_config
+from participants.examples.capture import deploy_capture
 from participants.runtime import Participant
-from relay import deploy
-from relay.capture import load_spec
 
 HERE = Path(__file__).resolve().parent
 SCHEMA = HERE / "schema.sql"
@@ -51,7 +50,8 @@ def install(conn: psycopg.Connection[Any], hotels: Mapping[str, int] | None = No
                 "ON CONFLICT (id) DO UPDATE SET rooms = EXCLUDED.rooms",
                 (hotel_id, f"Hotel {hotel_id}", rooms),
             )
-    deploy.deploy(conn, load_spec(CAPTURE))
+    conn.commit()
+    deploy_capture(conn, CAPTURE)
 
 
 def config(dsn: str, kafka: Mapping[str, Any], **participant: Any) -> ParticipantConfig:

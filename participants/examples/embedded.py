@@ -23,7 +23,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from relay.errors import SetupError
+from walsaga.errors import SetupError
 
 _UNPRIVILEGED_USER = "postgres"
 

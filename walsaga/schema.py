@@ -24,8 +24,8 @@ _FILE_RE = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
 def sql_root() -> Path:
-    """The ``sql/`` folder: packaged inside ``relay`` in a wheel, top level in a checkout."""
-    packaged = resources.files("relay") / "sql"
+    """The ``sql/`` folder: packaged inside ``walsaga`` in a wheel, top level in a checkout."""
+    packaged = resources.files("walsaga") / "sql"
     if packaged.is_dir():
         return Path(str(packaged))
     return Path(__file__).resolve().parent.parent / "sql"

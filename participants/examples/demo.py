@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from participants.embedded import EmbeddedBroker, LocalPostgres, free_port
 from participants.examples import customers, orders, travel
+from participants.examples.embedded import EmbeddedBroker, LocalPostgres, free_port
 from participants.examples.travel import TripRequest, book_trip, trip_status
 
 SERVICES = ("orders", "customers", "flight", "hotel", "car", "trip")
