@@ -15,6 +15,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 # Lint, types, then the whole suite (slow tests included).
 test: lint
@@ -30,4 +31,4 @@ bench: setup
 	$(PY) bench/saga_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .walsaga
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .walsaga
