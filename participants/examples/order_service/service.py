@@ -1,0 +1,258 @@
+"""One order service process as a whole: its settings, and the service that starts
+and stops the consumer, the notifications, the webhook sender and the database
+pool together, and creates, reads and waits on orders."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from prometheus_client import Counter
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+from starlette.concurrency import run_in_threadpool
+
+from participants.examples import orders
+from participants.examples.order_service.api import PENDING, NewOrder, pending_order, sse_event
+from participants.examples.order_service.connections import KEEPALIVES
+from participants.examples.order_service.directory import CustomerDirectory
+from participants.examples.order_service.notices import OrderNotices
+from participants.examples.order_service.webhooks import WebhookPolicy, WebhookSender
+from participants.orchestrator import Orchestrator
+from participants.runtime import Participant
+from walsaga.errors import SetupError
+
+log = structlog.get_logger("walsaga.order_service")
+
+
+@dataclass(frozen=True)
+class OrderServiceSettings:
+    dsn: str
+    bootstrap_servers: str
+    mode: orders.Mode
+    #: Extra librdkafka settings for the consumer.
+    kafka: Mapping[str, Any] = field(default_factory=dict)
+    #: The participant's name: its consumer group and inbox key.
+    name: str = "order-service"
+    #: Read-only DSN of the customer directory (a database with ``customers(id)``).
+    customers_dsn: str | None = None
+    #: Longer ``?wait=`` values are cut to this.
+    max_wait_s: float = 60.0
+    pool_size: int = 10
+    #: Consumer threads handling replies and events (each takes some partitions).
+    workers: int = 1
+    sse_keepalive_s: float = 15.0
+    webhook: WebhookPolicy = field(default_factory=WebhookPolicy)
+
+
+class OrderService:
+    """Everything one order service process runs, started and stopped as a whole."""
+
+    def __init__(
+        self, settings: OrderServiceSettings, *, on_fatal: Callable[[], None] | None = None
+    ) -> None:
+        self.settings = settings
+        self.on_fatal = on_fatal
+        self.orchestrator: Orchestrator | None = (
+            orders.orchestrator() if settings.mode == "orchestration" else None
+        )
+        self.participant: Participant = orders.participant(
+            dsn=settings.dsn,
+            kafka={"bootstrap.servers": settings.bootstrap_servers, **settings.kafka},
+            mode=settings.mode,
+            orchestrator=self.orchestrator,
+            name=settings.name,
+            workers=settings.workers,
+        )
+        registry = self.participant.metrics.registry
+        self.created = Counter(
+            "walsaga_orders_created", "Orders accepted over HTTP", ["mode"], registry=registry
+        )
+        webhook_calls = Counter(
+            "walsaga_order_webhook_calls",
+            "Webhook calls, by outcome (delivered, retry, failed: given up)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.pool: ConnectionPool[Any] = ConnectionPool(
+            settings.dsn,
+            min_size=2,
+            max_size=settings.pool_size,
+            open=False,
+            timeout=10.0,
+            kwargs=KEEPALIVES,
+            name="order-service",
+        )
+        self.notices = OrderNotices(settings.dsn)
+        self.webhooks = WebhookSender(
+            self.pool, settings.webhook, wake=self.notices.watch(), calls=webhook_calls
+        )
+        self.directory = (
+            CustomerDirectory(settings.customers_dsn) if settings.customers_dsn else None
+        )
+        #: Why the service stopped on its own (the consumer died), if it did.
+        self.failure: str | None = None
+        self._thread: threading.Thread | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await run_in_threadpool(self.pool.open, True, 30.0)
+        if self.directory is not None:
+            self.directory.open()
+        listener = asyncio.create_task(self.notices.run(), name="order notifications")
+        self._tasks.append(listener)
+        # Serve no waiter before the LISTEN is in place.
+        try:
+            await asyncio.wait_for(self.notices.listening.wait(), 30)
+        except TimeoutError:
+            raise SetupError(
+                "cannot LISTEN for order notifications: database unreachable"
+            ) from None
+        self._thread = threading.Thread(
+            target=self._consume, name=f"participant-{self.participant.name}", daemon=True
+        )
+        self._thread.start()
+        self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
+        self._tasks.append(asyncio.create_task(self._watch_consumer(), name="consumer watch"))
+        log.info("order service started", mode=self.settings.mode, name=self.participant.name)
+
+    def _consume(self) -> None:
+        try:
+            self.participant.run()
+        except BaseException as e:
+            self.failure = f"the consumer stopped: {type(e).__name__}: {e}"
+
+    async def _watch_consumer(self) -> None:
+        while self._thread is not None and self._thread.is_alive():
+            await asyncio.sleep(0.5)
+        if self._stopping:
+            return
+        self.failure = self.failure or "the consumer stopped"
+        log.error("order service stopping", reason=self.failure)
+        self.begin_shutdown()
+        if self.on_fatal is not None:
+            self.on_fatal()
+
+    def begin_shutdown(self) -> None:
+        """Answer every waiting request and end every event stream now (any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        loop.call_soon_threadsafe(self.notices.close)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self.notices.close()
+        self.webhooks.stop()
+        tasks = {t.get_name(): t for t in self._tasks}
+        sender = tasks.pop("webhooks", None)
+        if sender is not None:
+            # Let a call under way finish and be recorded.
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(sender, self.settings.webhook.timeout_s + 5)
+        self.participant.stop()
+        if self._thread is not None:
+            await run_in_threadpool(self._thread.join, 30.0)
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        if self.directory is not None:
+            await run_in_threadpool(self.directory.close)
+        await run_in_threadpool(self.pool.close)
+        log.info("order service stopped")
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        alive = self._thread is not None and self._thread.is_alive()
+        consuming = alive and self.participant.ready.is_set()
+        listening = self.notices.listening.is_set()
+        ok = consuming and listening and not self.notices.closing
+        report = {
+            "service": self.participant.name,
+            "mode": self.settings.mode,
+            "consuming": consuming,
+            "listening": listening,
+            "stopping": self.notices.closing,
+            "waiting_requests": self.notices.waiting,
+        }
+        if self.failure:
+            report["failure"] = self.failure
+        return ok, report
+
+    # -- orders --------------------------------------------------------------------
+
+    async def create(self, new: NewOrder) -> dict[str, Any]:
+        order_id = str(uuid.uuid4())
+
+        def insert() -> None:
+            with self.pool.connection() as conn:
+                orders.create_order(
+                    conn,
+                    new.customer_id,
+                    new.total,
+                    mode=self.settings.mode,
+                    orchestrator=self.orchestrator,
+                    webhook_url=str(new.webhook_url) if new.webhook_url is not None else None,
+                    order_id=order_id,
+                )
+
+        await run_in_threadpool(insert)
+        self.created.labels(self.settings.mode).inc()
+        return pending_order(order_id, new)
+
+    def _read(self, order_id: str) -> dict[str, Any] | None:
+        with self.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(
+                "SELECT id, customer_id, total, status, reason FROM orders WHERE id = %s",
+                (order_id,),
+            ).fetchone()
+        return orders.order_json(row) if row is not None else None
+
+    async def read(self, order_id: str) -> dict[str, Any] | None:
+        return await run_in_threadpool(self._read, order_id)
+
+    async def wait_settled(self, order_id: str, timeout_s: float) -> dict[str, Any] | None:
+        """The order once it is no longer PENDING, or as it is when `timeout_s` runs out."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        with self.notices.subscribe(order_id) as changed:
+            while True:
+                changed.clear()
+                # Read after subscribing: an order settled just before is seen here.
+                order = await self.read(order_id)
+                remaining = deadline - loop.time()
+                if order is None or order["status"] != PENDING:
+                    return order
+                if remaining <= 0 or self.notices.closing:
+                    return order
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), remaining)
+
+    async def status_events(self, order_id: str) -> AsyncIterator[bytes]:
+        """Server-sent events: the order now, then each status it moves to, until settled."""
+        sent: str | None = None
+        with self.notices.subscribe(order_id) as changed:
+            while True:
+                changed.clear()
+                order = await self.read(order_id)
+                if order is None:
+                    return
+                if order["status"] != sent:
+                    sent = order["status"]
+                    yield sse_event(order)
+                if sent != PENDING or self.notices.closing:
+                    return
+                try:
+                    await asyncio.wait_for(changed.wait(), self.settings.sse_keepalive_s)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
