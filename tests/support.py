@@ -22,6 +22,7 @@ from confluent_kafka import Consumer, KafkaError, Message
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from participants.examples.embedded import free_port
+from walsaga.config import write_toml
 
 WALSAGA = str(Path(sys.executable).parent / "walsaga")
 
@@ -69,17 +70,17 @@ def relay_toml(
     relay: dict[str, Any] | None = None,
     kafka: dict[str, Any] | None = None,
 ) -> Path:
-    lines = ["[kafka]", f'"bootstrap.servers" = "{bootstrap}"']
-    for key, value in (kafka or {}).items():
-        lines.append(f'"{key}" = {json.dumps(value)}')
-    lines += ["", "[relay]", f"http_port = {http_port if http_port is not None else 0}"]
-    lines.append('http_host = "127.0.0.1"')
-    for key, value in (relay or {}).items():
-        lines.append(f"{key} = {json.dumps(value)}")
-    for name, dsn in sources.items():
-        lines += ["", "[[source]]", f'name = "{name}"', f'dsn = "{dsn}"']
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    data: dict[str, Any] = {
+        "kafka": {"bootstrap.servers": bootstrap, **(kafka or {})},
+        "relay": {
+            "http_port": http_port if http_port is not None else 0,
+            "http_host": "127.0.0.1",
+            **(relay or {}),
+        },
+    }
+    if sources:
+        data["source"] = [{"name": name, "dsn": dsn} for name, dsn in sources.items()]
+    return write_toml(path, data)
 
 
 @dataclass

@@ -1,29 +1,49 @@
-"""`walsaga demo`, the README's main command, in a short run: its summary, and
-that nothing it started is left running."""
+"""`walsaga demo`, the README's main command, in a short run: its summary, that
+nothing it started is left running, that a process failing at start ends it with
+a message rather than a traceback, and that root can run it from a private home."""
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from participants.examples.demo import outside_clusters_dir
 from tests.support import WALSAGA, wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def demo_dir() -> Path:
+@pytest.fixture
+def directory() -> Iterator[Path]:
+    """A demo directory, deleted afterwards (six clusters are a few hundred MB)."""
     # Postgres runs as an unprivileged user that must be able to reach it.
     path = Path(tempfile.mkdtemp(prefix="walsaga-test-demo-"))
     path.chmod(0o755)
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_demo(
+    directory: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [WALSAGA, "demo", "--dir", str(directory), "--port", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+    )
 
 
 def assert_all_gone(directory: Path) -> None:
@@ -34,13 +54,8 @@ def assert_all_gone(directory: Path) -> None:
     assert not alive, f"left running: {alive}"
 
 
-def test_the_demo_runs_sagas_prints_a_summary_and_leaves_nothing_running() -> None:
-    directory = demo_dir()
-    out = subprocess.run(
-        [WALSAGA, "demo", "--dir", str(directory), "--orders", "16", "--trips", "6",
-         "--port", "0"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
-    )  # fmt: skip
+def test_the_demo_runs_sagas_prints_a_summary_and_leaves_nothing_running(directory: Path) -> None:
+    out = run_demo(directory, "--orders", "16", "--trips", "6")
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     assert "relay and services up" in text
@@ -56,11 +71,62 @@ def test_the_demo_runs_sagas_prints_a_summary_and_leaves_nothing_running() -> No
     assert sum(n for (kind, _), n in counts.items() if kind == "trips") == 6
     assert counts[("all", "FAILED (need a person)")] == 0
     assert "Where to look" in text and "stopped." in text
+    assert f"clusters in {directory / 'postgres'} " in text
     assert_all_gone(directory)
 
 
-def test_serve_keeps_everything_up_until_ctrl_c() -> None:
-    directory = demo_dir()
+def test_a_process_that_exits_at_start_ends_the_demo_with_its_name_and_log(
+    directory: Path,
+) -> None:
+    # An unknown relay setting: the relay refuses to start, nothing else minds it.
+    out = run_demo(
+        directory, "--orders", "1", "--trips", "0", env={"WALSAGA_RELAY__NO_SUCH_SETTING": "1"}
+    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    log = directory / "logs" / "relay.log"
+    assert f"relay exited with status 2; its log: {log}" in out.stderr
+    assert "relay.no_such_setting (from WALSAGA_RELAY__NO_SUCH_SETTING): unknown key" in out.stderr
+    assert "stopped." in out.stdout
+    assert_all_gone(directory)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's Postgres runs as another user")
+def test_as_root_a_demo_in_a_private_directory_keeps_its_clusters_outside_it() -> None:
+    private = Path(tempfile.mkdtemp(prefix="walsaga-test-private-"))
+    assert private.stat().st_mode & 0o777 == 0o700
+    directory = private / "demo"
+    outside = outside_clusters_dir(directory)
+    # What an earlier run left, and what the demo did not make.
+    (directory / "logs").mkdir(parents=True)
+    (directory / "logs" / "relay.log").write_text("an earlier run\n")
+    (directory / "notes.txt").write_text("mine\n")
+    (outside / "orders").mkdir(parents=True)
+    (outside / "orders" / "stale").write_text("an earlier run\n")
+    try:
+        out = run_demo(directory, "--orders", "3", "--trips", "1")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"clusters in {outside} " in out.stdout
+        assert f"cannot enter {directory}" in out.stdout
+        assert f"clusters            {outside} " in out.stdout
+        assert f"rm -rf {directory} {outside}" in " ".join(out.stdout.split())
+
+        assert outside.stat().st_uid == 0 and outside.stat().st_mode & 0o777 == 0o755
+        postgres = pwd.getpwnam("postgres").pw_uid
+        assert (outside / "orders").stat().st_uid == postgres
+        assert (outside / "orders" / "data" / "PG_VERSION").exists()
+        assert not (outside / "orders" / "stale").exists()
+        assert not (directory / "postgres").exists()
+        assert (directory / "relay.toml").exists()
+        assert "an earlier run" not in (directory / "logs" / "relay.log").read_text()
+        assert (directory / "notes.txt").read_text() == "mine\n"
+        assert_all_gone(directory)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(outside, ignore_errors=True)
+
+
+def test_serve_keeps_everything_up_until_ctrl_c(directory: Path) -> None:
     log = (directory / "demo.out").open("w")
     proc = subprocess.Popen(
         [WALSAGA, "demo", "--dir", str(directory), "--orders", "2", "--trips", "0", "--serve",

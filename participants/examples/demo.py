@@ -6,18 +6,23 @@ databases and every service as a process of its own; then runs orders (some
 approved, some refused for credit) and trips (some compensated), prints what
 happened, and stops everything — or, with ``--serve``, keeps it running until
 Ctrl-C. Data lives in one directory (default ``.walsaga/demo``) that can be
-deleted at any time the demo is not running.
+deleted at any time the demo is not running. As root, Postgres runs as the
+``postgres`` user; when that user cannot enter the directory (a clone in
+root's home, mode 700), the clusters go to ``/var/tmp/walsaga-demo-<hash>``
+instead and logs, pids and the relay's config stay in the directory.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import hashlib
 import json
 import os
 import random
 import shutil
 import signal
+import stat
 import statistics
 import subprocess
 import sys
@@ -36,8 +41,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from participants.examples import customers, orders, travel
-from participants.examples.embedded import EmbeddedBroker, LocalPostgres, free_port
+from participants.examples.embedded import (
+    EmbeddedBroker,
+    LocalPostgres,
+    free_port,
+    postgres_can_reach,
+)
 from participants.examples.travel import TripRequest, book_trip, trip_status
+from walsaga.cli import EXIT_ERROR
+from walsaga.config import write_toml
+from walsaga.errors import SetupError, from_psycopg
 
 SERVICES = ("orders", "customers", "flight", "hotel", "car", "trip")
 
@@ -50,6 +63,25 @@ ROUTES = [
     ("LIS-NYC", "nyc-soho", "NYC-suv"),
     ("LIS-TYO", "tokyo-ginza", "TYO-kei"),
 ]
+
+#: Where the clusters go when the Postgres user cannot enter the demo's directory:
+#: kept across reboots, for --keep. World-writable, hence _own_directory's checks.
+OUTSIDE_CLUSTERS_ROOT = Path("/var/tmp")  # noqa: S108
+
+
+def outside_clusters_dir(directory: Path) -> Path:
+    """Where the clusters of the demo in `directory` live when Postgres cannot reach
+    it: one folder per demo directory, so two demos never share clusters."""
+    digest = hashlib.sha256(str(directory.resolve()).encode()).hexdigest()[:12]
+    return OUTSIDE_CLUSTERS_ROOT / f"walsaga-demo-{digest}"
+
+
+class DemoProcessError(SetupError):
+    """A process of the demo exited, or did not become healthy in time."""
+
+    def __init__(self, message: str, logs: dict[str, Path]) -> None:
+        super().__init__(message)
+        self.logs = logs
 
 
 @dataclass
@@ -104,9 +136,15 @@ class Demo:
         self.options = options
         self.dir = options.directory.resolve()
         self.console = console or Console()
+        self.clusters_dir = self.dir / "postgres"
         self.stack = _Stack()
         self.dsn: dict[str, str] = {}
         self.stopping = threading.Event()
+        self.errors = Console(stderr=True, highlight=False)
+
+    @property
+    def clusters_outside(self) -> bool:
+        return not self.clusters_dir.is_relative_to(self.dir)
 
     # -- the whole run -------------------------------------------------------
 
@@ -121,8 +159,7 @@ class Demo:
             signal.signal(s, on_signal)
         try:
             self.start()
-            # What was started, so that anyone can check it is gone afterwards.
-            (self.dir / "pids.json").write_text(json.dumps(self.stack.pids()))
+            self._write_pids()
             if self.stopping.is_set():
                 return 130
             outcome = self.workload()
@@ -136,29 +173,62 @@ class Demo:
         except KeyboardInterrupt:
             self.console.print("\ninterrupted")
             return 130
+        except DemoProcessError as e:
+            self._report(e)
+            return EXIT_ERROR
         finally:
+            if self.dir.is_dir():
+                self._write_pids()
             with self.console.status("stopping every process ..."):
                 self.stack.stop()
-            self.console.print(
-                f"stopped. Data and logs stay in {self.dir} (delete it with: rm -rf {self.dir})"
-            )
+            if self.clusters_outside:
+                self.console.print(
+                    f"stopped. Data and logs stay in {self.dir} and {self.clusters_dir} "
+                    f"(delete them with: rm -rf {self.dir} {self.clusters_dir})"
+                )
+            else:
+                self.console.print(
+                    f"stopped. Data and logs stay in {self.dir} (delete it with: rm -rf {self.dir})"
+                )
             for s, handler in previous.items():
                 signal.signal(s, handler)
+
+    def _write_pids(self) -> None:
+        # What was started, so that anyone can check it is gone afterwards.
+        (self.dir / "pids.json").write_text(json.dumps(self.stack.pids()))
+
+    def _report(self, failure: DemoProcessError) -> None:
+        self.errors.print(f"[bold red]error[/bold red]: {failure}")
+        for name, log in failure.logs.items():
+            lines = log.read_text(errors="replace").splitlines()[-8:] if log.exists() else []
+            if lines:
+                self.errors.print(f"last lines of {name}'s log ({log}):")
+                for line in lines:
+                    self.errors.print(f"  {line}", markup=False, style="dim")
 
     # -- starting ------------------------------------------------------------
 
     def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        outside = outside_clusters_dir(self.dir)
         if self.options.fresh:
             # Only what the demo itself made: --dir may name a folder that
             # holds other things too.
             shutil.rmtree(self.dir / "postgres", ignore_errors=True)
             shutil.rmtree(self.dir / "logs", ignore_errors=True)
-        self.dir.mkdir(parents=True, exist_ok=True)
+            _remove_own_directory(outside)
         (self.dir / "logs").mkdir(exist_ok=True)
+        if not postgres_can_reach(self.dir):
+            self.clusters_dir = outside
+        _own_directory(self.clusters_dir)
+        if self.clusters_outside:
+            (self.clusters_dir / "README").write_text(
+                f"Postgres clusters of the walsaga demo in {self.dir}; "
+                "its next fresh start deletes them, and so may you when it is not running.\n"
+            )
         with self.console.status("starting one Postgres cluster per service ..."):
             clusters = {
-                name: LocalPostgres(self.dir / "postgres" / name, durable=False)
-                for name in SERVICES
+                name: LocalPostgres(self.clusters_dir / name, durable=False) for name in SERVICES
             }
             self.stack.clusters = clusters
             with concurrent.futures.ThreadPoolExecutor(len(clusters)) as pool:
@@ -166,9 +236,13 @@ class Demo:
             for name, cluster in clusters.items():
                 self.dsn[name] = cluster.create_database(name)
         self.console.print(
-            f"[green]✓[/green] Postgres: {len(clusters)} clusters "
+            f"[green]✓[/green] Postgres: {len(clusters)} clusters in {self.clusters_dir} "
             f"(ports {', '.join(str(c.port) for c in clusters.values())})"
         )
+        if self.clusters_outside:
+            self.console.print(
+                f"  the postgres user cannot enter {self.dir}, so the clusters live outside it"
+            )
         with self.console.status("starting the embedded Kafka-protocol broker ..."):
             self.stack.broker = EmbeddedBroker(logfile=self.dir / "logs" / "broker.log").start()
         bootstrap = self.stack.broker.bootstrap_servers
@@ -184,6 +258,12 @@ class Demo:
         )
 
     def _install(self) -> None:
+        try:
+            self._install_schemas()
+        except psycopg.Error as e:
+            raise from_psycopg(e, "deploying the demo's schemas") from e
+
+    def _install_schemas(self) -> None:
         with psycopg.connect(self.dsn["orders"]) as conn:
             orders.install(conn)
         with psycopg.connect(self.dsn["customers"]) as conn:
@@ -197,9 +277,12 @@ class Demo:
         with psycopg.connect(self.dsn["trip"]) as conn:
             travel.trip.install(conn)
 
+    def _log(self, name: str) -> Path:
+        return self.dir / "logs" / f"{name}.log"
+
     def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
         walsaga = str(Path(sys.executable).parent / "walsaga")
-        log = (self.dir / "logs" / f"{name}.log").open("ab")
+        log = self._log(name).open("ab")
         self.stack.processes[name] = subprocess.Popen(
             [walsaga, *args],
             stdout=log,
@@ -213,13 +296,13 @@ class Demo:
     def _start_processes(self, bootstrap: str) -> None:
         ports = self.stack.http_ports
         ports["relay"] = free_port()
-        sources = "".join(
-            f'\n[[source]]\nname = "{name}"\ndsn = "{dsn}"\n' for name, dsn in self.dsn.items()
-        )
-        config = self.dir / "relay.toml"
-        config.write_text(
-            f'[kafka]\n"bootstrap.servers" = "{bootstrap}"\n\n[relay]\n'
-            f'http_host = "127.0.0.1"\nhttp_port = {ports["relay"]}\n{sources}'
+        config = write_toml(
+            self.dir / "relay.toml",
+            {
+                "kafka": {"bootstrap.servers": bootstrap},
+                "relay": {"http_host": "127.0.0.1", "http_port": ports["relay"]},
+                "source": [{"name": name, "dsn": dsn} for name, dsn in self.dsn.items()],
+            },
         )
         self._spawn("relay", ["relay", "--config", str(config)])
         ports["customer-service"] = free_port()
@@ -278,9 +361,11 @@ class Demo:
             if not waiting:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"not healthy after {timeout_s:.0f}s: {', '.join(waiting)} "
-                    f"(logs in {self.dir / 'logs'})"
+                logs = {name: self._log(name) for name in waiting}
+                raise DemoProcessError(
+                    f"not healthy after {timeout_s:.0f}s: "
+                    + ", ".join(f"{name} (log: {log})" for name, log in logs.items()),
+                    logs,
                 )
             if self.stopping.wait(0.3):
                 raise KeyboardInterrupt
@@ -288,9 +373,9 @@ class Demo:
     def _check_alive(self) -> None:
         for name, proc in self.stack.processes.items():
             if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{name} exited with status {proc.returncode}; "
-                    f"see {self.dir / 'logs' / (name + '.log')}"
+                raise DemoProcessError(
+                    f"{name} exited with status {proc.returncode}; its log: {self._log(name)}",
+                    {name: self._log(name)},
                 )
 
     # -- the workload ----------------------------------------------------------
@@ -332,7 +417,13 @@ class Demo:
                 futures = [pool.submit(self._place_order, *job) for job in order_jobs]
                 futures += [pool.submit(self._book_trip, job) for job in trip_jobs]
                 for future in concurrent.futures.as_completed(futures):
-                    kind, outcome = future.result()
+                    try:
+                        kind, outcome = future.result()
+                    except Exception:
+                        # A request that failed because its service died says
+                        # less than the service's exit and log.
+                        self._check_alive()
+                        raise
                     results[kind].append(outcome)
                     progress.advance(order_task if kind == "orders" else trip_task)
                     if self.stopping.is_set():
@@ -439,6 +530,9 @@ class Demo:
             self.console.print(f"  {name:<19} http://127.0.0.1:{ports[name]}/metrics")
         self.console.print(f"  logs                {self.dir / 'logs'}")
         self.console.print(
+            f"  clusters            {self.clusters_dir}  (server logs: <service>/postgres.log)"
+        )
+        self.console.print(
             "  databases           "
             + ", ".join(f"{n}: {c.dsn(n)}" for n, c in self.stack.clusters.items())
         )
@@ -450,6 +544,29 @@ class Demo:
             )
             self.console.print(f"  curl -s {api}/orders/<id>")
             self.console.print(f"  curl -N {api}/orders/<id>/events")
+
+
+def _own_directory(path: Path) -> None:
+    """Create `path` (mode 0755, so the Postgres user may enter it), or check that it
+    is a directory of ours: in a world-writable parent such as /var/tmp, someone
+    else could have made it first."""
+    path.mkdir(parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise SetupError(
+            f"{path} is not a directory of this user's; remove it, or choose another --dir"
+        )
+    path.chmod(0o755)
+
+
+def _remove_own_directory(path: Path) -> None:
+    """Delete `path` if it is a directory of ours (never through a symlink)."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid():
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _get_json(url: str) -> Any:

@@ -80,18 +80,45 @@ def _run_as() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
+def _blocking_directory(path: Path, owner: tuple[int, int]) -> Path | None:
+    """The first directory on the way to `path` (itself included) that the Postgres
+    user may not enter, by the owner, group and other bits; None when all are open."""
+    uid, gid = owner
+    groups = set(os.getgrouplist(_UNPRIVILEGED_USER, gid))
+    resolved = path.resolve()
+    for directory in [*reversed(resolved.parents), resolved]:
+        st = directory.stat()
+        if st.st_uid == uid:
+            allowed = st.st_mode & 0o100
+        elif st.st_gid in groups:
+            allowed = st.st_mode & 0o010
+        else:
+            allowed = st.st_mode & 0o001
+        if not allowed:
+            return directory
+    return None
+
+
+def postgres_can_reach(path: Path) -> bool:
+    """Whether a cluster under the existing directory `path` can be started: always
+    when we are not root; as root, when the Postgres user may enter every directory
+    on the way."""
+    owner = _run_as()
+    return owner is None or _blocking_directory(path, owner) is None
+
+
 def _make_reachable(path: Path, owner: tuple[int, int] | None) -> None:
     """Create `path` owned by the Postgres user, and let it traverse the parents."""
     path.mkdir(parents=True, exist_ok=True)
     if owner is None:
         return
     os.chown(path, *owner)
-    for parent in path.resolve().parents:
-        if not parent.stat().st_mode & 0o001:
-            raise SetupError(
-                f"Postgres runs as the '{_UNPRIVILEGED_USER}' user, which cannot reach {path}: "
-                f"{parent} is not searchable by others; choose a directory under /tmp or /var"
-            )
+    blocking = _blocking_directory(path, owner)
+    if blocking is not None:
+        raise SetupError(
+            f"Postgres runs as the '{_UNPRIVILEGED_USER}' user, which cannot reach {path}: "
+            f"{blocking} is not searchable by it; choose a directory under /tmp or /var"
+        )
 
 
 @dataclass
