@@ -262,6 +262,13 @@ def relay(ctx: click.Context, config_path: Path | None) -> None:
     help="Re-publish rows created at or after this time (local time unless an offset is given).",
 )
 @click.option("--from-id", help="Re-publish from this event id on (inclusive).")
+@click.option(
+    "--id",
+    "ids",
+    multiple=True,
+    help="Re-publish exactly this event (repeatable), e.g. one Kafka refused once its cause "
+    "is fixed; also finds refused events that had no outbox row.",
+)
 @click.pass_context
 def replay(
     ctx: click.Context,
@@ -269,10 +276,14 @@ def replay(
     source_name: str | None,
     since: datetime | None,
     from_id: str | None,
+    ids: tuple[str, ...],
 ) -> None:
-    """Re-publish retained outbox rows, e.g. after a lost slot. Consumers drop repeats by id."""
-    if (since is None) == (from_id is None):
-        raise click.UsageError("give exactly one of --since and --from-id")
+    """Re-publish retained outbox rows, e.g. after a lost slot or a refused event.
+
+    Consumers drop repeats by id, so re-publishing too much is safe.
+    """
+    if sum(x is not None and x != () for x in (since, from_id, ids)) != 1:
+        raise click.UsageError("give exactly one of --since, --from-id and --id")
     config = _load_relay_config(ctx, config_path)
     logs.configure(config.relay.log_level, config.relay.log_format)
     source = _source(config, source_name)
@@ -288,6 +299,7 @@ def replay(
                 router,
                 since=since,
                 from_id=from_id,
+                ids=ids,
                 progress=lambda n: click.echo(f"  {n} events re-published", err=True),
             )
     except psycopg.Error as e:

@@ -20,6 +20,9 @@ from walsaga.config import Strict, load
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
+OnRefused = Literal["dead-letter", "halt"]
+
+
 class SourceConfig(Strict):
     """One source database and the slot the relay reads it through."""
 
@@ -27,6 +30,8 @@ class SourceConfig(Strict):
     dsn: str
     slot: str | None = None
     topic_template: str | None = None
+    #: What to do with an event Kafka refuses for good (default: [relay] on_refused).
+    on_refused: OnRefused | None = None
 
     @field_validator("name")
     @classmethod
@@ -60,6 +65,12 @@ class RelaySettings(Strict):
     """The ``[relay]`` table."""
 
     topic_template: str = "{aggregatetype}"
+    #: An event Kafka refuses for good (too large, invalid): report it on the
+    #: dead-letter topic and go on ("dead-letter"), or stop the source there ("halt").
+    on_refused: OnRefused = "dead-letter"
+    dead_letter_topic: str = Field(
+        default="walsaga.relay.dead-letter", pattern=r"^[A-Za-z0-9._-]{1,249}$"
+    )
     http_host: str = "0.0.0.0"
     http_port: int | None = Field(default=9108, ge=0, le=65535)
     #: How often the confirmed position is reported to Postgres while events flow.
@@ -86,6 +97,12 @@ class RelaySettings(Strict):
     def _template(cls, v: str) -> str:
         check_topic_template(v)
         return v
+
+    @model_validator(mode="after")
+    def _retry_bounds(self) -> RelaySettings:
+        if self.retry_min_s > self.retry_max_s:
+            raise ValueError("retry_min_s must not exceed retry_max_s")
+        return self
 
 
 TEMPLATE_FIELDS = frozenset({"aggregatetype", "type", "source"})
@@ -151,6 +168,14 @@ class RelayConfig(Strict):
 
     def template_for(self, source: SourceConfig) -> str:
         return source.topic_template or self.relay.topic_template
+
+    def on_refused(self, source: SourceConfig) -> OnRefused:
+        return source.on_refused or self.relay.on_refused
+
+    @property
+    def message_max_bytes(self) -> int:
+        """The producer's size limit for one record (librdkafka's default: 1,000,000)."""
+        return int(self.producer_settings().get("message.max.bytes", 1_000_000))
 
 
 def load_relay_config(

@@ -407,6 +407,9 @@ _RELAY_GRANTS = (
     ("table", "walsaga.relay_slot", "INSERT"),
     ("table", "walsaga.relay_slot", "UPDATE"),
     ("table", "walsaga.relay_slot", "DELETE"),
+    ("table", "walsaga.relay_dead_letter", "SELECT"),
+    ("table", "walsaga.relay_dead_letter", "INSERT"),
+    ("table", "walsaga.relay_dead_letter", "UPDATE"),
 )
 
 

@@ -63,6 +63,18 @@ class RelayMetrics:
             "walsaga_relay_stream_restarts", "Streaming sessions restarted after an error",
             ["source"], registry=r,
         )  # fmt: skip
+        self.refused = Counter(
+            "walsaga_relay_events_refused",
+            "Events Kafka refused for good, by reason and what was done (dead-lettered, halted)",
+            ["source", "reason", "action"],
+            registry=r,
+        )
+        self.halted = Gauge(
+            "walsaga_relay_halted",
+            "1 while the source is stopped at an event Kafka refuses (or a blocked topic)",
+            ["source"],
+            registry=r,
+        )
 
 
 class LatencyWindow:
@@ -95,7 +107,12 @@ class SourceMetrics:
         self.streaming = metrics.streaming.labels(source)
         self.latency = metrics.latency.labels(source)
         self.restarts = metrics.restarts.labels(source)
+        self.halted = metrics.halted.labels(source)
         self._errors = metrics.errors
+        self._refused = metrics.refused
 
     def error(self, kind: str) -> None:
         self._errors.labels(self.source, kind).inc()
+
+    def refused(self, reason: str, action: str) -> None:
+        self._refused.labels(self.source, reason, action).inc()

@@ -5,13 +5,15 @@ so that ``walsaga relay replay`` can re-publish them (after a lost slot, say).
 Upkeep deletes rows older than the retention that are known to be published:
 it notes the server's WAL position and the oldest running transaction id, and
 once the slot's confirmed position has passed that WAL position, every row
-written by an older transaction has been published.
+written by an older transaction has been published. Rows of events Kafka
+refused (noted in ``walsaga.relay_dead_letter``) are kept until replayed.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,6 +58,9 @@ class Upkeep:
                         SELECT ctid FROM walsaga.outbox
                         WHERE created_at < now() - make_interval(secs => %s)
                           AND age(xmin) > age(%s::xid)
+                          AND NOT EXISTS (SELECT 1 FROM walsaga.relay_dead_letter d
+                                          WHERE d.event_id = outbox.id::text
+                                            AND d.replayed_at IS NULL)
                         LIMIT %s))
                     """,
                     (self.retention_s, marker.xid, _BATCH),
@@ -79,6 +84,14 @@ class Upkeep:
         return deleted
 
 
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class ReplayReport:
     published: int
@@ -87,15 +100,34 @@ class ReplayReport:
 
 
 def retained_events(
-    conn: psycopg.Connection[Any], *, since: datetime | None = None, from_id: str | None = None
+    conn: psycopg.Connection[Any],
+    *,
+    since: datetime | None = None,
+    from_id: str | None = None,
+    ids: Sequence[str] = (),
 ) -> Iterator[tuple[OutboxEvent, datetime]]:
-    """Rows of the outbox from a time or an event id on, oldest first."""
+    """Rows of the outbox from a time or an event id on, oldest first; or exactly `ids`.
+
+    An id with no outbox row is looked up among the refused events the relay
+    kept in full (``walsaga.relay_dead_letter``: events that had no row).
+    """
     where = "true"
     params: list[Any] = []
+    if ids:
+        yield from _events_by_id(conn, ids)
+        return
     if from_id is not None:
-        found = conn.execute("SELECT 1 FROM walsaga.outbox WHERE id = %s", (from_id,)).fetchone()
+        found = (
+            _is_uuid(from_id)
+            and conn.execute(
+                "SELECT 1 FROM walsaga.outbox WHERE id = %s::uuid", (from_id,)
+            ).fetchone()
+        )
         if not found:
-            raise PermanentError(f"no outbox row with id {from_id} (already removed by retention?)")
+            raise PermanentError(
+                f"no outbox row with id {from_id} (already removed by retention, or an event "
+                "without a row: re-publish it alone with --id)"
+            )
         where = "(created_at, ctid) >= (SELECT created_at, ctid FROM walsaga.outbox WHERE id = %s)"
         params.append(from_id)
     elif since is not None:
@@ -110,17 +142,56 @@ def retained_events(
         cur.itersize = 2000
         cur.execute(query, params)
         for row in cur:
-            event = OutboxEvent(
-                row["id"],
-                row["aggregatetype"],
-                row["aggregateid"],
-                row["type"],
-                row["payload"].encode(),
-                row["headers"] or None,
-                int(row["xid"]),
-                None,
+            yield _row_event(row), row["created_at"]
+
+
+def _row_event(row: dict[str, Any]) -> OutboxEvent:
+    return OutboxEvent(
+        row["id"],
+        row["aggregatetype"],
+        row["aggregateid"],
+        row["type"],
+        row["payload"].encode(),
+        row["headers"] or None,
+        int(row["xid"]) if row.get("xid") else None,
+        None,
+    )
+
+
+def _events_by_id(
+    conn: psycopg.Connection[Any], ids: Sequence[str]
+) -> Iterator[tuple[OutboxEvent, datetime]]:
+    for event_id in ids:
+        with conn.cursor(row_factory=dict_row) as cur:
+            row = None
+            if _is_uuid(event_id):
+                row = cur.execute(
+                    """
+                    SELECT id::text, aggregatetype, aggregateid, type, payload::text AS payload,
+                           headers, created_at, xmin::text AS xid
+                    FROM walsaga.outbox WHERE id = %s::uuid
+                    """,
+                    (event_id,),
+                ).fetchone()
+            if row is not None:
+                yield _row_event(row), row["created_at"]
+                continue
+            kept = cur.execute(
+                """
+                SELECT event_id AS id, event->>'aggregatetype' AS aggregatetype,
+                       event->>'aggregateid' AS aggregateid, event->>'type' AS type,
+                       (event->'payload')::text AS payload, event->'headers' AS headers,
+                       refused_at AS created_at, xid::text AS xid
+                FROM walsaga.relay_dead_letter WHERE event_id = %s AND event IS NOT NULL
+                """,
+                (event_id,),
+            ).fetchone()
+        if kept is None:
+            raise PermanentError(
+                f"no event {event_id}: neither an outbox row (removed by retention?) nor a "
+                "refused event the relay kept"
             )
-            yield event, row["created_at"]
+        yield _row_event(kept), kept["created_at"]
 
 
 def replay(
@@ -130,6 +201,7 @@ def replay(
     *,
     since: datetime | None = None,
     from_id: str | None = None,
+    ids: Sequence[str] = (),
     progress: Callable[[int], None] | None = None,
 ) -> ReplayReport:
     """Publish retained rows again, waiting for Kafka to acknowledge every one.
@@ -145,7 +217,16 @@ def replay(
 
     count = 0
     first = last = None
-    for event, created_at in retained_events(conn, since=since, from_id=from_id):
+    refused = {
+        row[0]
+        for row in conn.execute(
+            "SELECT event_id FROM walsaga.relay_dead_letter WHERE replayed_at IS NULL"
+        )
+    }
+    replayed: list[str] = []
+    for event, created_at in retained_events(conn, since=since, from_id=from_id, ids=ids):
+        if event.id in refused:
+            replayed.append(event.id)
         topic, headers = router.route(event, 0)
         del headers["lsn"]
         headers["walsaga.replay"] = "1"
@@ -170,6 +251,13 @@ def replay(
         raise TransientError(f"{len(producer)} replayed events not acknowledged by Kafka in 60s")
     if failures:
         raise TransientError(f"{len(failures)} replayed events failed: {failures[0]}")
+    # Refused events that are now delivered: retention may take their rows again.
+    conn.execute(
+        "UPDATE walsaga.relay_dead_letter SET replayed_at = now() "
+        "WHERE event_id = ANY(%s) AND replayed_at IS NULL",
+        (replayed,),
+    )
+    conn.commit()
     if progress is not None:
         progress(count)
     return ReplayReport(count, first, last)

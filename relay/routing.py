@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from relay.wal2json import HEARTBEAT, Heartbeat, OutboxEvent, decode
+from relay.wal2json import HEARTBEAT, Heartbeat, OutboxEvent, decode, exact_headers
 
 #: Events whose topic would not be a legal Kafka topic name go here, with the
 #: intended topic in header ``walsaga.unroutable``, rather than block the stream.
@@ -138,7 +138,13 @@ class Router:
                 "xid": "",
             }
             if headers_text != "{}":
-                for name, header in orjson.loads(headers_text).items():
+                row_headers = orjson.loads(headers_text)
+                for header in row_headers.values():
+                    if type(header) is not str:
+                        # A float or an object: kept as written (every digit).
+                        row_headers = exact_headers(row_headers, headers_text)
+                        break
+                for name, header in row_headers.items():
                     if name not in headers:
                         headers[name] = header if type(header) is str else header_value(header)
         except (LookupError, TypeError, ValueError, AttributeError):

@@ -19,19 +19,22 @@ from __future__ import annotations
 import contextlib
 import selectors
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
+import orjson
 import psycopg
 from confluent_kafka import KafkaException, Producer
 
-from relay import outbox, protocol, slot
-from relay.config import RelaySettings, SourceConfig
+from relay import delivery, outbox, protocol, slot
+from relay.config import OnRefused, RelaySettings, SourceConfig
+from relay.delivery import DEAD_LETTER_TOPIC, GAP_HEADER, Failure, Refused, SourceHaltedError
 from relay.feedback import Feedback
 from relay.metrics import LatencyWindow, SourceMetrics
 from relay.routing import Record, Router
-from relay.wal2json import HEARTBEAT_PREFIX, CommitTimes, format_lsn
+from relay.wal2json import HEARTBEAT_PREFIX, CommitTimes, format_lsn, parse_lsn
 from relay.window import AckWindow, Group
 from walsaga.errors import DecodeError, DeliveryError, TransientError, from_psycopg
 
@@ -74,8 +77,15 @@ class SessionContext:
     stopping: Callable[[], bool]
     #: Why the producer cannot be used any more (a fatal error), or None.
     producer_broken: Callable[[], str | None]
+    #: What to do with an event Kafka refuses for good.
+    on_refused: OnRefused = "dead-letter"
+    dead_letter_topic: str = DEAD_LETTER_TOPIC
+    #: The producer's size limit for one record (bounds the dead-letter report).
+    message_max_bytes: int = 1_000_000
     #: The time a clean stop may take (draining gets most of it).
     drain_s: float = DRAIN_S
+    #: Where the source halted last (None: not halted); cleared once confirmed past it.
+    halted_at: int | None = None
 
 
 class Session:
@@ -108,6 +118,12 @@ class Session:
         self.next_upkeep = now + self.settings.cleanup_interval_s
         self.next_slot_check = now
         self.published = 0
+        #: (topic, key) -> id of a dead-lettered event whose key has not had a next event yet.
+        self.gaps: dict[tuple[str, str], str] = {}
+        self.gaps_reported: list[tuple[str, str]] = []
+        #: Set by a dead-letter report Kafka would not take either.
+        self.halt_reason: str | None = None
+        self._load_gaps()
 
     def _retired(self, group: Group) -> None:
         if group.first_commit is not None:
@@ -130,6 +146,10 @@ class Session:
             while not stopping():
                 read = self._read()
                 self._poll(0)
+                if window.failed:
+                    self._resolve_failures()
+                if self.halt_reason is not None:
+                    raise SourceHaltedError(self.halt_reason)
                 confirmable = window.advance()
                 now = time.monotonic()
                 if feedback.due(now, confirmable):
@@ -149,6 +169,9 @@ class Session:
                     timeout = 0.001 if in_flight or len(window) else 0.05
                     selector.select(timeout)
             self._drain()
+        except SourceHaltedError:
+            self._settle()
+            raise
         finally:
             selector.close()
 
@@ -168,6 +191,7 @@ class Session:
         record = self.record
         produce = self.produce
         event = window.event
+        gaps = self.gaps
         consume_input = self._consume_input
         group: Group | None = None
         ack: Callable[[Any, Any], None] | None = None
@@ -203,6 +227,8 @@ class Session:
                     window.position(lsn)  # a heartbeat, or nothing to publish
                     continue
                 topic, value, key, headers, commit_time = rec
+                if gaps:
+                    self._close_gap(topic, key, headers)
                 g = event(lsn, commit_time)
                 if g is not group:
                     group = g
@@ -211,11 +237,9 @@ class Session:
                 try:
                     produce(topic, value, key, headers=headers, on_delivery=ack)
                 except BufferError:
-                    self._produce_when_possible(rec, ack)  # type: ignore[arg-type]
+                    self._produce_when_possible(rec, g, lsn)
                 except KafkaException as e:
-                    raise DeliveryError(
-                        f"cannot produce event {headers.get('id')!r} to {topic!r}: {e}"
-                    ) from e
+                    self._refused_at_once(g, rec, lsn, e)
             elif kind == keepalive:
                 wal_end, reply = protocol.keepalive(data)
                 if wal_end > self.server_wal_end:
@@ -241,20 +265,246 @@ class Session:
         self.ctx.log.error("undecodable message skipped", lsn=format_lsn(lsn), error=str(error))
         self.window.position(lsn)
 
-    def _produce_when_possible(self, rec: Record, ack: Callable[[Any, Any], None]) -> None:
+    def _produce_when_possible(self, rec: Record, group: Group, lsn: int) -> None:
         """The producer's queue was full: serve acknowledgements until the record fits."""
         topic, value, key, headers, _ = rec
         while True:
             self._backpressure()
             try:
-                self.produce(topic, value, key, headers=headers, on_delivery=ack)
+                self.produce(topic, value, key, headers=headers, on_delivery=group.ack)
                 return
             except BufferError:
                 continue
             except KafkaException as e:
-                raise DeliveryError(
-                    f"cannot produce event {headers.get('id')!r} to {topic!r}: {e}"
-                ) from e
+                self._refused_at_once(group, rec, lsn, e)
+                return
+
+    # -- events Kafka does not take (see relay.delivery) ------------------
+
+    def _refused_at_once(self, group: Group, rec: Record, lsn: int, exc: KafkaException) -> None:
+        """produce() itself refused the record (too large for the producer, say)."""
+        topic, value, key, headers, _ = rec
+        error = exc.args[0] if exc.args else None
+        code = error.code() if error is not None else None
+        failure = delivery.classify(code) if code is not None else Failure.TRANSIENT
+        event_id = str(headers.get("id"))
+        if failure is Failure.TRANSIENT:
+            raise DeliveryError(f"cannot produce event {event_id!r} to {topic!r}: {exc}") from exc
+        reason = error.str() if error is not None else str(exc)
+        if failure is Failure.BLOCKED:
+            self._halt(failure, f"event {event_id} to {topic!r}: {reason}", lsn)
+        refused = Refused(
+            event_id, topic, key, value, headers, lsn, reason, delivery.error_name(error)
+        )
+        self._refuse(group, refused)
+
+    def _resolve_failures(self) -> None:
+        """Delivery reports with errors: decide per record what they mean.
+
+        A broker fails a whole produce batch for one record it refuses, so
+        every refused record is first sent again on its own, after everything
+        in flight has settled: only one refused alone is refused for good.
+        """
+        items: list[tuple[Group, Any, Any]] = []
+        deadline = time.monotonic() + 30.0
+        while self.window.failed:
+            for group in self.window.take_failed():
+                items.extend((group, err, msg) for err, msg in group.failures or ())
+                group.resolved()
+            found = delivery.triage([(err, msg) for _, err, msg in items])
+            if found.next_step is Failure.BLOCKED:
+                err, msg = found.blocked[0]
+                self._halt(Failure.BLOCKED, f"{_describe(msg)}: {err.str()}", _lsn_of(msg))
+            if found.next_step is Failure.TRANSIENT:
+                err, msg = found.transient[0]
+                raise DeliveryError(f"kafka failed {_describe(msg)}: {err.str()}")
+            # Let everything in flight settle, so each record sent again is alone.
+            while len(self.producer) and time.monotonic() < deadline:
+                self._poll(0.05)
+                self._check_producer()
+            if len(self.producer):
+                raise TransientError("kafka did not settle in-flight events in time")
+        for group, err, msg in items:
+            self.ctx.log.warning(
+                "kafka refused an event, sending it again alone",
+                record=_describe(msg),
+                error=err.str(),
+            )
+            group.pending += 1  # the retry takes the event's place again
+            again = self._send_alone(msg)
+            if again is None:
+                group.pending -= 1  # delivered on its own: its batch was refused for another
+                continue
+            failure = delivery.classify(again.code())
+            if failure is Failure.TRANSIENT:
+                raise DeliveryError(f"kafka failed {_describe(msg)}: {again.str()}")
+            if failure is Failure.BLOCKED:
+                self._halt(failure, f"{_describe(msg)}: {again.str()}", _lsn_of(msg))
+            refused = Refused(
+                _header(msg, "id"),
+                msg.topic(),
+                (msg.key() or b"").decode(errors="replace"),
+                msg.value() or b"",
+                dict(msg.headers() or ()),
+                _lsn_of(msg),
+                again.str(),
+                delivery.error_name(again),
+            )
+            self._refuse(group, refused)
+
+    def _send_alone(self, msg: Any) -> Any:
+        """Produce `msg` again with nothing else in flight; its error, or None once delivered."""
+        outcome: list[Any] = []
+        self.producer.produce(
+            msg.topic(),
+            msg.value(),
+            msg.key(),
+            headers=msg.headers(),
+            on_delivery=lambda err, _msg: outcome.append(err),
+        )
+        deadline = time.monotonic() + 30.0
+        while not outcome:
+            if time.monotonic() > deadline or self.ctx.stopping():
+                raise TransientError(f"kafka did not answer for {_describe(msg)} in time")
+            self._poll(0.05)
+            self._check_producer()
+        return outcome[0]
+
+    def _refuse(self, group: Group, refused: Refused) -> None:
+        """`refused` will never be accepted: the source's policy decides.
+
+        The event still counts as pending in `group`; with "dead-letter" that
+        count passes to the report, so the position moves past the event once
+        Kafka has the report. With "halt" it stays, and the position stops
+        before the event.
+        """
+        ctx = self.ctx
+        fields = {
+            "event_id": refused.id,
+            "type": refused.type,
+            "topic": refused.topic,
+            "key": refused.key,
+            "lsn": format_lsn(refused.lsn),
+            "bytes": refused.size,
+            "reason": refused.reason,
+        }
+        if ctx.on_refused == "halt":
+            self.metrics.refused(refused.code, "halted")
+            what = (
+                f"event {refused.id} ({refused.type}) at {format_lsn(refused.lsn)} to "
+                f"{refused.topic!r} refused by Kafka"
+            )
+            self._halt(Failure.REFUSED, f"{what}: {refused.reason}", refused.lsn)
+        self._record_dead_letter(refused)
+        topic, value, key, headers = delivery.dead_letter_record(
+            refused,
+            topic=ctx.dead_letter_topic,
+            source=ctx.source.name,
+            max_bytes=ctx.message_max_bytes,
+        )
+
+        def reported(err: Any, msg: Any) -> None:
+            group.pending -= 1
+            if err is not None and self.halt_reason is None:
+                self.halt_reason = (
+                    f"the dead-letter topic {ctx.dead_letter_topic!r} did not take the report "
+                    f"of refused event {refused.id}: {err.str()}"
+                )
+
+        while True:
+            try:
+                self.produce(topic, value, key, headers=headers, on_delivery=reported)
+                break
+            except BufferError:
+                self._backpressure()
+            except KafkaException as e:
+                what = f"the dead-letter topic {ctx.dead_letter_topic!r} did not take the report"
+                self._halt(Failure.BLOCKED, f"{what} of event {refused.id}: {e}", refused.lsn)
+        self.gaps[(refused.topic, refused.key)] = refused.id
+        self.metrics.refused(refused.code, "dead-lettered")
+        ctx.log.error(
+            "event refused by kafka: dead-lettered, the events after it go on",
+            dead_letter_topic=ctx.dead_letter_topic,
+            **fields,
+        )
+
+    def _halt(self, failure: Failure, what: str, lsn: int | None) -> NoReturn:
+        advice = delivery.HALT_ADVICE[failure].format(retry_s=self.settings.retry_max_s)
+        raise SourceHaltedError(f"{what}. {advice}", lsn=lsn)
+
+    def _record_dead_letter(self, refused: Refused) -> None:
+        """Note the event in walsaga.relay_dead_letter: retention keeps its outbox row, and
+        an event that has no row (a logical message) is kept there in full."""
+        whole = orjson.dumps(
+            {
+                "id": refused.id,
+                "aggregatetype": _text(refused.headers.get("aggregatetype")),
+                "aggregateid": refused.key,
+                "type": refused.type,
+                "payload": orjson.Fragment(refused.value) if _is_json(refused.value) else None,
+                "headers": {
+                    name: _text(value)
+                    for name, value in refused.headers.items()
+                    if name not in _STANDARD_HEADERS
+                },
+            }
+        ).decode()
+        try:
+            uuid.UUID(refused.id)
+            has_row = "EXISTS (SELECT 1 FROM walsaga.outbox WHERE id = %(uuid)s::uuid)"
+        except ValueError:
+            has_row = "false"
+        try:
+            self.conn.execute(
+                f"""
+                INSERT INTO walsaga.relay_dead_letter
+                    (event_id, source, lsn, xid, topic, key, type, reason, code, size_bytes, event)
+                SELECT %(id)s::text, %(source)s, %(lsn)s::pg_lsn, %(xid)s::bigint, %(topic)s,
+                       %(key)s, %(type)s, %(reason)s, %(code)s, %(size)s::bigint,
+                       CASE WHEN {has_row} THEN NULL ELSE %(event)s::jsonb END
+                ON CONFLICT (event_id) DO UPDATE
+                SET reason = EXCLUDED.reason, code = EXCLUDED.code, lsn = EXCLUDED.lsn,
+                    refused_at = now(), replayed_at = NULL
+                """,
+                {
+                    "id": refused.id,
+                    "uuid": refused.id,
+                    "source": self.ctx.source.name,
+                    "lsn": format_lsn(refused.lsn),
+                    "xid": _int(refused.headers.get("xid")),
+                    "topic": refused.topic,
+                    "key": refused.key,
+                    "type": refused.type,
+                    "reason": refused.reason[:2000],
+                    "code": refused.code,
+                    "size": refused.size,
+                    "event": whole,
+                },
+            )
+        except psycopg.Error as e:
+            raise from_psycopg(e, f"source {self.ctx.source.name!r}: noting a refused event") from e
+
+    def _load_gaps(self) -> None:
+        """Dead-lettered events whose key has had no event since (from earlier sessions)."""
+        try:
+            rows = self.conn.execute(
+                """
+                SELECT event_id, topic, key FROM walsaga.relay_dead_letter
+                WHERE source = %s AND gap_reported_by IS NULL AND replayed_at IS NULL
+                ORDER BY refused_at
+                """,
+                (self.ctx.source.name,),
+            ).fetchall()
+        except psycopg.Error as e:
+            raise from_psycopg(e, f"source {self.ctx.source.name!r}") from e
+        for event_id, topic, key in rows:
+            self.gaps[(topic, key)] = event_id
+
+    def _close_gap(self, topic: str, key: str, headers: dict[str, str | bytes | None]) -> None:
+        missing = self.gaps.pop((topic, key), None)
+        if missing is not None:
+            headers[GAP_HEADER] = missing
+            self.gaps_reported.append((missing, str(headers.get("id"))))
 
     def _poll(self, timeout_s: float) -> None:
         try:
@@ -299,6 +549,11 @@ class Session:
         self.feedback.sent(lsn, now)
         self.ctx.status.confirmed_lsn = lsn
         self.metrics.confirmed.set(lsn)
+        if self.ctx.halted_at is not None and lsn > self.ctx.halted_at:
+            self.ctx.halted_at = None
+            self.metrics.halted.set(0)
+            self.ctx.status.set("streaming")
+            self.ctx.log.info("no longer halted: streaming past the event it stopped at")
 
     def _timers(self, now: float) -> None:
         try:
@@ -314,6 +569,14 @@ class Session:
             if now >= self.next_upkeep:
                 self.next_upkeep = now + self.settings.cleanup_interval_s
                 self.upkeep.run(self.window.confirmable)
+            if self.gaps_reported:
+                reported, self.gaps_reported = self.gaps_reported, []
+                with self.conn.cursor() as cur:
+                    cur.executemany(
+                        "UPDATE walsaga.relay_dead_letter SET gap_reported_by = %s "
+                        "WHERE event_id = %s AND gap_reported_by IS NULL",
+                        [(next_id, missing) for missing, next_id in reported],
+                    )
         except psycopg.Error as e:
             raise from_psycopg(e, f"source {self.ctx.source.name!r}") from e
 
@@ -325,6 +588,15 @@ class Session:
         self.published = 0
         if state.lag_bytes is not None:
             self.metrics.slot_lag.set(state.lag_bytes)
+
+    def _settle(self) -> None:
+        """Halting: let what is in flight be acknowledged and confirm up to the halt."""
+        deadline = time.monotonic() + min(5.0, self.ctx.drain_s)
+        with contextlib.suppress(TransientError, DeliveryError, SourceHaltedError):
+            while len(self.producer) and time.monotonic() < deadline:
+                self._poll(0.05)
+            self.window.advance()
+            self._feedback(time.monotonic())
 
     def _drain(self) -> None:
         """Clean stop: wait for Kafka, confirm, leave.
@@ -351,3 +623,44 @@ class Session:
         self.ctx.status.events_published += self.published
         self.published = 0
         self.ctx.log.info("stopped", confirmed_lsn=format_lsn(self.window.confirmable))
+
+
+_STANDARD_HEADERS = frozenset(
+    {"id", "type", "aggregatetype", "aggregateid", "source", "lsn", "xid", GAP_HEADER}
+)
+
+
+def _text(value: str | bytes | None) -> str | None:
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _int(value: str | bytes | None) -> int | None:
+    text = _text(value)
+    return int(text) if text and text.isdigit() else None
+
+
+def _is_json(value: bytes) -> bool:
+    try:
+        orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _header(msg: Any, name: str) -> str:
+    for key, value in msg.headers() or ():
+        if key == name:
+            return _text(value) or ""
+    return ""
+
+
+def _lsn_of(msg: Any) -> int:
+    text = _header(msg, "lsn")
+    try:
+        return parse_lsn(text)
+    except ValueError:
+        return 0
+
+
+def _describe(msg: Any) -> str:
+    return f"event {_header(msg, 'id')} ({_header(msg, 'type')}) to {msg.topic()!r}"

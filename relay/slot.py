@@ -19,10 +19,13 @@ from relay.wal2json import parse_lsn
 from walsaga.errors import SetupError, SlotLostError
 
 
-def no_wal2json(source: str) -> str:
+def no_wal2json(source: str, server_version: int) -> str:
+    """What to do when the server lacks wal2json (`server_version` as libpq reports it)."""
+    major = server_version // 10000
     return (
         f"source {source!r}: the wal2json output plugin is not installed on the server "
-        "(Debian: apt-get install postgresql-15-wal2json)"
+        f"(Debian/Ubuntu: apt-get install postgresql-{major}-wal2json; RHEL: "
+        f"dnf install wal2json_{major} from the PGDG repository)"
     )
 
 
@@ -34,11 +37,13 @@ def check_source(conn: psycopg.Connection[Any], source: SourceConfig) -> None:
                EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                        WHERE n.nspname = 'walsaga' AND c.relname = 'outbox'),
                (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
-               current_database(), current_user
+               current_database(), current_user,
+               EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                       WHERE n.nspname = 'walsaga' AND c.relname = 'relay_dead_letter')
         """
     ).fetchone()
     assert row is not None
-    wal_level, deployed, may_replicate, dbname, user = row
+    wal_level, deployed, may_replicate, dbname, user, current = row
     if wal_level != "logical":
         raise SetupError(
             f"source {source.name!r}: wal_level is {wal_level!r}; the relay needs "
@@ -48,6 +53,12 @@ def check_source(conn: psycopg.Connection[Any], source: SourceConfig) -> None:
         raise SetupError(
             f"source {source.name!r}: database {dbname!r} has no walsaga schema; "
             "deploy it first with: walsaga deploy --dsn <dsn of that database>"
+        )
+    if not current:
+        raise SetupError(
+            f"source {source.name!r}: database {dbname!r} has an older walsaga schema than "
+            "this relay needs; upgrade it in place with: walsaga deploy --dsn <dsn of that "
+            "database>"
         )
     if not may_replicate:
         raise SetupError(
@@ -62,7 +73,10 @@ def check_source(conn: psycopg.Connection[Any], source: SourceConfig) -> None:
             CASE WHEN NOT has_table_privilege('walsaga.outbox', 'SELECT, DELETE')
                  THEN 'SELECT, DELETE on walsaga.outbox' END,
             CASE WHEN NOT has_table_privilege('walsaga.relay_slot', 'SELECT, INSERT, UPDATE')
-                 THEN 'SELECT, INSERT, UPDATE on walsaga.relay_slot' END
+                 THEN 'SELECT, INSERT, UPDATE on walsaga.relay_slot' END,
+            CASE WHEN NOT has_table_privilege('walsaga.relay_dead_letter',
+                                              'SELECT, INSERT, UPDATE')
+                 THEN 'SELECT, INSERT, UPDATE on walsaga.relay_dead_letter' END
         ], NULL)
         """
     ).fetchone()
@@ -138,7 +152,7 @@ def create_slot(conn: psycopg.Connection[Any], slot: str) -> bool:
     except psycopg.errors.DuplicateObject:
         created = False  # another instance created it a moment ago
     except psycopg.errors.UndefinedFile as e:
-        raise SetupError(no_wal2json(conn.info.dbname)) from e
+        raise SetupError(no_wal2json(conn.info.dbname, conn.info.server_version)) from e
     conn.execute(
         "INSERT INTO walsaga.relay_slot (slot_name) VALUES (%s) ON CONFLICT DO NOTHING", (slot,)
     )

@@ -28,6 +28,7 @@ from psycopg import pq, sql
 
 from relay import slot
 from relay.config import RelayConfig, SourceConfig
+from relay.delivery import SourceHaltedError
 from relay.metrics import LatencyWindow, RelayMetrics, SourceMetrics
 from relay.producer import SourceProducer
 from relay.routing import Router
@@ -84,8 +85,12 @@ class SourceStream:
             log=self.log,
             stopping=stop.is_set,
             producer_broken=lambda: self.producer.broken,
+            on_refused=config.on_refused(source),
+            dead_letter_topic=self.settings.dead_letter_topic,
+            message_max_bytes=config.message_max_bytes,
             drain_s=self.settings.shutdown_timeout_s,
         )
+        self._halted_reason: str | None = None
         self.backoff = BackoffPolicy(
             min_s=self.settings.retry_min_s, max_s=self.settings.retry_max_s
         ).backoff()
@@ -107,6 +112,8 @@ class SourceStream:
                         standby_logged = True
                     self.status.set("standby", str(e))
                     self.stop.wait(self.settings.standby_retry_s)
+                except SourceHaltedError as e:
+                    self._halted(e)
                 except (SetupError, SlotLostError, PermanentError) as e:
                     self._fatal(e)
                     raise
@@ -126,6 +133,18 @@ class SourceStream:
                 self.log.warning("events left unacknowledged at exit", events=left)
             if self.status.state != "failed":
                 self.status.set("stopped")
+
+    def _halted(self, halt: SourceHaltedError) -> None:
+        """Stopped at an event that may not be passed: say why once, try again now and then."""
+        self.metrics.streaming.set(0)
+        self.metrics.halted.set(1)
+        if halt.lsn is not None:
+            self.context.halted_at = halt.lsn
+        if halt.reason != self._halted_reason:
+            self.log.error("source halted", reason=halt.reason)
+            self._halted_reason = halt.reason
+        self.status.set("halted", halt.reason)
+        self.stop.wait(self.settings.retry_max_s)
 
     def _fatal(self, error: BaseException) -> None:
         self.metrics.streaming.set(0)
@@ -167,8 +186,10 @@ class SourceStream:
             repl = self._start_replication()
             try:
                 self.metrics.streaming.set(1)
-                self.status.set("streaming")
-                self.log.info("streaming", from_lsn=format_lsn(confirmed))
+                if self.context.halted_at is None:
+                    # A halted source trying again stays "halted" until it passes the event.
+                    self.status.set("streaming")
+                    self.log.info("streaming", from_lsn=format_lsn(confirmed))
                 Session(self.context, conn, repl, producer, confirmed).loop()
             finally:
                 # Not `with repl`: leaving it would try to end a transaction
@@ -198,7 +219,7 @@ class SourceStream:
             raise SlotBusyError(e.diag.message_primary or str(e)) from e
         except psycopg.errors.UndefinedFile as e:
             repl.close()
-            raise SetupError(slot.no_wal2json(self.source.name)) from e
+            raise SetupError(slot.no_wal2json(self.source.name, repl.info.server_version)) from e
         except psycopg.Error as e:
             repl.close()
             raise from_psycopg(e, f"START_REPLICATION on {self.source.name!r}") from e

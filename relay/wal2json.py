@@ -9,6 +9,7 @@ positions the relay confirms are change positions (see :mod:`relay.window`).
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -137,33 +138,105 @@ def _event_from_columns(cols: list[dict[str, Any]], xid: int | None, ts: str | N
 def _row_headers(text: str | None) -> dict[str, Any] | None:
     if not text or text == "{}":
         return None
-    headers = orjson.loads(text)
+    try:
+        headers = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        headers = json.loads(text)  # numbers beyond a double's range (jsonb allows them)
     if not isinstance(headers, dict):
         raise DecodeError(f"outbox headers must be a JSON object: {text!r}"[:500])
-    return headers
+    return exact_headers(headers, text)
+
+
+def exact_headers(headers: dict[str, Any], text: str) -> dict[str, Any]:
+    """`headers` parsed from `text`, with every float, object and array kept as its
+    JSON text: a number with more digits than a double holds stays as written."""
+    if all(type(v) in _EXACT for v in headers.values()):
+        return headers
+    raw = raw_members(text)
+    return {k: v if type(v) in _EXACT else RawJson(raw[k]) for k, v in headers.items()}
+
+
+# Parsed values that encode back to the same JSON text.
+_EXACT = frozenset({str, int, bool, type(None)})
+
+
+class RawJson(str):
+    """A JSON value kept as the text it was written as (published without re-encoding)."""
+
+    __slots__ = ()
+
+
+_SCANNER = json.JSONDecoder()
+_SPACE = " \t\n\r"
+
+
+def raw_members(text: str) -> dict[str, str]:
+    """The members of the JSON object `text`, each value as its own JSON text.
+
+    Parsing into Python and encoding again would turn ``10.50`` into ``10.5``
+    and round numbers a double cannot hold; slicing keeps every digit.
+    """
+    scan = _SCANNER.raw_decode
+    i = _skip(text, 0)
+    if text[i : i + 1] != "{":
+        raise ValueError("not a JSON object")
+    i = _skip(text, i + 1)
+    members: dict[str, str] = {}
+    if text[i : i + 1] == "}":
+        return members
+    while True:
+        key, i = scan(text, i)
+        i = _skip(text, i)
+        if text[i : i + 1] != ":":
+            raise ValueError(f"expected ':' at {i}")
+        start = _skip(text, i + 1)
+        _, end = scan(text, start)
+        members[key] = text[start:end]
+        i = _skip(text, end)
+        if text[i : i + 1] == "}":
+            return members
+        if text[i : i + 1] != ",":
+            raise ValueError(f"expected ',' or '}}' at {i}")
+        i = _skip(text, i + 1)
+
+
+def _skip(text: str, i: int) -> int:
+    while i < len(text) and text[i] in _SPACE:
+        i += 1
+    return i
 
 
 def _event_from_message(msg: dict[str, Any]) -> OutboxEvent:
+    content = msg.get("content")
     try:
-        body = orjson.loads(msg["content"])
-        missing = [f for f in _EVENT_FIELDS if not isinstance(body.get(f), str)]
+        if not isinstance(content, str):
+            raise TypeError("no content")
+        raw = raw_members(content)
+        fields = {f: json.loads(raw[f]) for f in _EVENT_FIELDS if f in raw}
+        missing = [f for f in _EVENT_FIELDS if not isinstance(fields.get(f), str)]
         if missing:
-            raise DecodeError(f"walsaga message without {', '.join(missing)}: {body!r}"[:500])
-        headers = body.get("headers") or None
-        if headers is not None and not isinstance(headers, dict):
-            raise DecodeError(f"walsaga message headers must be an object: {headers!r}"[:500])
+            raise DecodeError(f"walsaga message without {', '.join(missing)}: {content!r}"[:500])
+        headers_text = raw.get("headers")
+        headers = None
+        if headers_text is not None and headers_text not in ("{}", "null"):
+            parsed = json.loads(headers_text)
+            if not isinstance(parsed, dict):
+                raise DecodeError(f"walsaga message headers must be an object: {parsed!r}"[:500])
+            headers = exact_headers(parsed, headers_text) or None
         return OutboxEvent(
-            body["id"],
-            body["aggregatetype"],
-            body["aggregateid"],
-            body["type"],
-            orjson.dumps(body.get("payload")),
+            fields["id"],
+            fields["aggregatetype"],
+            fields["aggregateid"],
+            fields["type"],
+            raw.get("payload", "null").encode(),
             headers,
             msg.get("xid"),
             msg.get("timestamp"),
         )
-    except (KeyError, orjson.JSONDecodeError, AttributeError) as e:
-        raise DecodeError(f"unreadable walsaga message: {msg.get('content')!r}"[:500]) from e
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        if isinstance(e, DecodeError):
+            raise
+        raise DecodeError(f"unreadable walsaga message: {content!r}"[:500]) from e
 
 
 class CommitTimes:

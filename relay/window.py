@@ -27,14 +27,20 @@ from walsaga.errors import DeliveryError
 class Group:
     """Consecutive messages whose acknowledgements are counted together."""
 
-    __slots__ = ("error", "first_commit", "lsn", "nbytes", "pending", "size")
+    __slots__ = ("_failed", "error", "failures", "first_commit", "lsn", "nbytes", "pending", "size")
 
-    def __init__(self, lsn: int, first_commit: str | None = None) -> None:
+    def __init__(
+        self, lsn: int, first_commit: str | None = None, failed: list[Group] | None = None
+    ) -> None:
         self.lsn = lsn
         self.pending = 0
         self.size = 0
         self.nbytes = 0
+        #: The first delivery error of the group, and every (error, message) pair:
+        #: the group does not retire until they are resolved (see relay.delivery).
         self.error: Any = None
+        self.failures: list[tuple[Any, Any]] | None = None
+        self._failed = failed
         #: Commit time of the group's first event, as wal2json prints it: parsed
         #: only when the group retires, not once per event.
         self.first_commit = first_commit
@@ -42,8 +48,19 @@ class Group:
     def ack(self, err: Any, msg: Any) -> None:
         """confluent-kafka delivery callback for every event of this group."""
         self.pending -= 1
-        if err is not None and self.error is None:
-            self.error = err
+        if err is not None:
+            if self.failures is None:
+                self.failures = []
+                if self._failed is not None:
+                    self._failed.append(self)
+            self.failures.append((err, msg))
+            if self.error is None:
+                self.error = err
+
+    def resolved(self) -> None:
+        """Its failures were dealt with (sent again alone, dead-lettered): it may retire."""
+        self.failures = None
+        self.error = None
 
 
 class AckWindow:
@@ -58,6 +75,8 @@ class AckWindow:
     ) -> None:
         self.confirmable = confirmed_lsn
         self._groups: deque[Group] = deque()
+        #: Groups with delivery failures to resolve, in the order they failed.
+        self.failed: list[Group] = []
         self._open: Group | None = None
         self._max_group = max_group
         self._on_retired = on_retired
@@ -70,7 +89,7 @@ class AckWindow:
         """Register an event at `lsn`; pass the result's ``ack`` as its delivery callback."""
         group = self._open
         if group is None or group.size >= self._max_group:
-            group = self._open = Group(lsn, commit_time)
+            group = self._open = Group(lsn, commit_time, self.failed)
             self._groups.append(group)
         elif lsn > group.lsn:
             group.lsn = lsn
@@ -114,6 +133,11 @@ class AckWindow:
             if self._on_retired is not None and head.size:
                 self._on_retired(head)
         return self.confirmable
+
+    def take_failed(self) -> list[Group]:
+        """The groups with delivery failures reported since the last call."""
+        failed, self.failed[:] = list(self.failed), []
+        return failed
 
     def oldest_commit(self) -> str | None:
         """Commit time of the oldest event still waiting for Kafka, if any."""

@@ -104,12 +104,6 @@ def test_the_core_commands_run_from_a_plain_install(venv: Path, empty_db: str) -
     assert schema is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="participants/examples/cli.py imports without the extras, so walsaga/cli.py "
-    "never reaches its 'needs the ... extra' command; the example commands then show "
-    "their full help and fail on an ImportError when run",
-)
 @pytest.mark.parametrize(("command", "extra"), [("order-service", "examples"), ("demo", "demo")])
 def test_a_command_of_an_extra_says_which_extra_to_install(
     venv: Path, command: str, extra: str

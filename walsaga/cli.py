@@ -9,6 +9,8 @@ optional dependencies are not installed says which extra brings them.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import re
 from typing import NoReturn
 
 import click
@@ -37,16 +39,46 @@ def fail(error: BaseException | str) -> NoReturn:
     raise SystemExit(EXIT_ERROR)
 
 
-def _missing_extra(name: str, extra: str, error: ImportError) -> click.Command:
-    @click.command(name, context_settings={"ignore_unknown_options": True})
+def missing_requirements(extra: str) -> list[str]:
+    """The distributions the `extra` of walsaga asks for that are not installed."""
+    try:
+        requirements = importlib.metadata.requires("walsaga") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []  # run from a source tree: nothing to compare with
+    missing = []
+    for requirement in requirements:
+        name, _, marker = requirement.partition(";")
+        if not re.search(rf"""extra\s*==\s*["']{re.escape(extra)}["']""", marker):
+            continue
+        match = re.match(r"\s*([A-Za-z0-9._-]+)(\[([^\]]+)\])?", name)
+        if match is None:
+            continue
+        dist, _, included = match.groups()
+        if dist.lower() == "walsaga" and included:
+            for other in included.split(","):
+                missing += missing_requirements(other.strip())
+            continue
+        try:
+            importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(dist)
+    return missing
+
+
+def _missing_extra(name: str, extra: str, missing: str) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True}, add_help_option=False)
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-    def unavailable(args: tuple[str, ...]) -> None:
+    @click.pass_context
+    def unavailable(ctx: click.Context, args: tuple[str, ...]) -> None:
+        if "--help" in args or "-h" in args:
+            click.echo(ctx.get_help())
+            return
         fail(
-            f"walsaga {name} needs the '{extra}' extra ({error.name or error} is not installed): "
+            f"walsaga {name} needs the '{extra}' extra ({missing} not installed): "
             f"pip install 'walsaga[{extra}]'"
         )
 
-    unavailable.help = f"(needs: pip install 'walsaga[{extra}]')"
+    unavailable.help = f"Not available here: needs pip install 'walsaga[{extra}]' ({missing})."
     return unavailable
 
 
@@ -61,13 +93,17 @@ class _LazyGroup(click.Group):
         if found is None:
             return None
         target, extra = found
+        if extra is not None:
+            missing = missing_requirements(extra)
+            if missing:
+                return _missing_extra(cmd_name, extra, ", ".join(missing))
         module_name, _, attribute = target.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ImportError as e:
             if extra is None or (e.name or "").split(".")[0] in ("relay", "participants"):
                 raise
-            return _missing_extra(cmd_name, extra, e)
+            return _missing_extra(cmd_name, extra, e.name or str(e))
         command = getattr(module, attribute)
         assert isinstance(command, click.Command)
         return command
