@@ -24,6 +24,7 @@ from psycopg.types.json import Jsonb
 
 from participants import commit
 from participants import saga as machine
+from participants.availability import Availability
 from participants.handlers import HandlerContext, Route
 from participants.message import Message
 from participants.runtime import Participant
@@ -58,9 +59,10 @@ class _Writes:
 _PUBLISH = "SELECT walsaga.publish(%s, %s, %s, %s, %s)"
 
 _COLUMNS = (
-    "id, definition, version, status, step, completed, attempt, data, deadline, reason, refusals"
+    "id, definition, version, status, step, completed, attempt, data, deadline, reason, refusals, "
+    "step_started_at, waiting_on"
 )
-_VALUES = ", ".join(["%s"] * 11)
+_VALUES = ", ".join(["%s"] * 13)
 
 
 def _epoch(ts: datetime | None) -> float | None:
@@ -84,17 +86,34 @@ def _state(row: tuple[Any, ...]) -> SagaState:
         deadline=_epoch(row[8]),
         reason=row[9],
         refusals=row[10],
+        step_started=_epoch(row[11]),
+        waiting_on=row[12],
     )
 
 
 class Orchestrator:
     """Runs the sagas of some definitions; replies arrive through a :class:`Participant`."""
 
-    def __init__(self, definitions: Iterable[Saga], *, name: str = "orchestrator") -> None:
+    def __init__(
+        self,
+        definitions: Iterable[Saga],
+        *,
+        name: str = "orchestrator",
+        down_after_waiting: int = 5,
+        down_after_silence_s: float = 15.0,
+    ) -> None:
         self.definitions = {d.name: d for d in definitions}
         self.name = name
+        #: A participant is known down once this many sagas have waited on it
+        #: longer than `down_after_silence_s`, with no answer from it in that time.
+        self.down_after_waiting = down_after_waiting
+        self.down_after_silence_s = down_after_silence_s
+        self.availability = Availability(
+            min_waiting=down_after_waiting, silence_s=down_after_silence_s
+        )
         self._m_ended: Any = None
         self._m_started: Any = None
+        self._m_resent: Any = None
 
     # -- wiring --------------------------------------------------------------
 
@@ -110,12 +129,24 @@ class Orchestrator:
             ["definition", "status"],
             registry=registry,
         )
+        self._m_resent = Counter(
+            "walsaga_saga_commands_resent",
+            "Commands sent again because no answer had come, by participant",
+            ["participant"],
+            registry=registry,
+        )
+        self.availability = Availability(
+            min_waiting=self.down_after_waiting,
+            silence_s=self.down_after_silence_s,
+            registry=registry,
+        )
         topics = sorted({t for d in self.definitions.values() for t in d.reply_topics})
         for topic in topics:
             participant.add_route(
                 Route(topic, None, self._on_reply, failure_event=False, savepoint=False)
             )
         participant.every(deadline_interval_s, self.fire_deadlines, name="saga deadlines")
+        participant.every(self.availability.refresh_s, self.watch, name="saga waiting metrics")
 
     # -- starting ------------------------------------------------------------
 
@@ -159,7 +190,9 @@ class Orchestrator:
             return
         payload = message.payload if isinstance(message.payload, dict) else {}
         reply = Reply(message.type or "", payload, message.headers, message.id)
-        self._advance(ctx.conn, defn, state, machine.on_reply, reply)
+        new = self._advance(ctx.conn, defn, state, machine.on_reply, reply)
+        if state.waiting_on is not None and new != state:
+            self.availability.answered(ctx.conn, state.waiting_on)
 
     def fire_deadlines(self, conn: psycopg.Connection[Any], limit: int = 200) -> int:
         """Time out sagas whose deadline passed; returns how many. Safe to run
@@ -172,12 +205,18 @@ class Orchestrator:
             """,
             (limit,),
         ).fetchall()
+        down = self.availability.refresh(conn) if rows else self.availability.down
         for row in rows:
             state = _state(row)
             defn = self.definitions.get(state.definition)
             if defn is not None:
-                self._advance(conn, defn, state, machine.on_timeout)
+                unavailable = state.waiting_on in down
+                self._advance(conn, defn, state, machine.on_timeout, unavailable=unavailable)
         return len(rows)
+
+    def watch(self, conn: psycopg.Connection[Any]) -> None:
+        """Refresh who waits on whom (the waiting metrics), even while no deadline is due."""
+        self.availability.refresh(conn)
 
     def _advance(
         self,
@@ -186,9 +225,10 @@ class Orchestrator:
         state: SagaState,
         transition: Any,
         *args: Any,
-    ) -> None:
+        **kwargs: Any,
+    ) -> SagaState:
         now = time.time()
-        new, effects = transition(defn, state, *args, now)
+        new, effects = transition(defn, state, *args, now, **kwargs)
         new, writes = self._apply(conn, defn, new, effects, now)
         if new != state:
             writes.statements.append(
@@ -196,17 +236,23 @@ class Orchestrator:
                     """
                     UPDATE walsaga.saga
                     SET status = %s, step = %s, completed = %s, attempt = %s, data = %s,
-                        deadline = %s, reason = %s, refusals = %s, updated_at = now(),
+                        deadline = %s, reason = %s, refusals = %s, step_started_at = %s,
+                        waiting_on = %s, updated_at = now(),
                         ended_at = CASE WHEN %s THEN now() END
                     WHERE id = %s
                     """,
                     (new.status, new.step, new.completed, new.attempt, Jsonb(new.data),
-                     _ts(new.deadline), new.reason, new.refusals,
-                     new.status in machine.TERMINAL, new.id),
+                     _ts(new.deadline), new.reason, new.refusals, _ts(new.step_started),
+                     new.waiting_on, new.status in machine.TERMINAL, new.id),
                 )
             )  # fmt: skip
             self._after(conn, writes, new, state)
+            resent = [e for e in effects if isinstance(e, Log) and e.kind == "RETRY"]
+            if resent and self._m_resent is not None and state.waiting_on is not None:
+                counter = self._m_resent.labels(state.waiting_on)
+                commit.after_commit(conn, lambda: counter.inc(len(resent)))
         writes.flush(conn)
+        return new
 
     def _apply(
         self,
@@ -267,6 +313,8 @@ class Orchestrator:
             _ts(s.deadline),
             s.reason,
             s.refusals,
+            _ts(s.step_started),
+            s.waiting_on,
         )
 
     def _after(

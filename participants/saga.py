@@ -4,10 +4,21 @@ A saga is an ordered list of steps. A step either sends a command to a
 participant and waits for a reply (any event carrying the saga's id in header
 ``saga_id`` whose type the step lists), or runs a local action in the
 orchestrator's own transaction. Each step may have a compensation. When a
-step fails for a business reason, or its command stays unanswered through
-every retry, the completed steps are compensated in reverse order; a
-compensation is retried until it succeeds or its policy runs out, and then the
-saga ends ``FAILED`` — never reported as compensated.
+step fails for a business reason, the completed steps are compensated in
+reverse order; a compensation is retried until it succeeds or its policy runs
+out, and then the saga ends ``FAILED`` — never reported as compensated.
+
+A step that is not answered has two clocks. The *resend* clock sends the same
+command again (same idempotency key: it is performed once) after
+``timeout_s``, then after waits that double up to ``retry.backoff_max_s``,
+with jitter. The *give-up* clock is far longer (``give_up_after_s``, ten
+minutes unless the saga says otherwise): "no answer yet" is not a business
+failure, since a participant being restarted or a consumer group rebalancing
+takes seconds and the command waits in Kafka. Only when it runs out does the
+saga give up on the step and compensate, with a reason that says "gave up
+waiting" — and not even then while the participant is known to be down
+(:func:`on_timeout`'s ``unavailable``): those sagas keep waiting, resending
+at the longest interval, and resume when its answers come back.
 
 :func:`start`, :func:`on_reply`, :func:`on_timeout` and :func:`on_local_result`
 take a :class:`SagaState` and return it changed, with the effects the
@@ -18,6 +29,7 @@ action, log).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,19 +46,53 @@ Data = dict[str, Any]
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How many times a command is sent before the step gives up, and how the
-    wait between attempts grows (the deadline of attempt n is the step's
-    timeout plus ``backoff_s * 2**(n-2)``, capped)."""
+    """How often a step's command is sent again, and when that stops.
 
-    max_attempts: int = 3
+    While a command is unanswered it is resent after the step's ``timeout_s``,
+    then after waits that grow by ``multiplier`` up to ``backoff_max_s``, each
+    with up to ``jitter`` of it taken off (spread per saga, so sagas that
+    waited together do not resend together). ``max_attempts`` bounds the
+    sends (None: only the give-up time does). For a compensation, it bounds
+    the explicit refusals tried again, ``backoff_s`` apart at first.
+    """
+
+    max_attempts: int | None = None
     backoff_s: float = 0.5
-    backoff_max_s: float = 30.0
+    backoff_max_s: float = 60.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
 
     def backoff(self, attempt: int) -> float:
-        """Extra wait before attempt `attempt` (1-based; the first has none)."""
+        """Extra wait before retry `attempt` (1-based; the first has none), without jitter."""
         if attempt <= 1:
             return 0.0
-        return float(min(self.backoff_s * 2 ** (attempt - 2), self.backoff_max_s))
+        return float(min(self.backoff_s * self.multiplier ** (attempt - 2), self.backoff_max_s))
+
+    def resend_after(self, timeout_s: float, sends: int, spread: float) -> float:
+        """The wait after send number `sends` (1-based) of an unanswered command.
+
+        The first wait is `timeout_s` itself; `spread` in [0, 1) picks where in
+        the jitter range this saga's later waits fall.
+        """
+        if sends <= 1:
+            return timeout_s
+        step = min(
+            timeout_s * self.multiplier ** max(0, sends - 1), max(timeout_s, self.backoff_max_s)
+        )
+        return float(step * (1 - self.jitter * spread))
+
+
+def _spread(*parts: object) -> float:
+    """A number in [0, 1) that is the same for the same parts (deterministic jitter)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+#: How long a step waits for an answer before the saga gives up on it, unless
+#: the step or the saga says otherwise.
+GIVE_UP_AFTER_S = 600.0
+#: The same for a compensation's answer; then the saga ends FAILED.
+COMPENSATION_GIVE_UP_AFTER_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -94,9 +140,13 @@ class Step:
     #: Reply types confirming the compensation (or refusing it, to retry).
     compensated: tuple[str, ...] = ()
     compensation_failed: tuple[str, ...] = ()
+    #: How long to wait for an answer before the first resend.
     timeout_s: float = 10.0
     retry: RetryPolicy = RetryPolicy()
     compensation_retry: RetryPolicy = RetryPolicy(max_attempts=8)
+    #: Give up waiting for an answer after this long (None: the saga's
+    #: ``give_up_after_s``); ``math.inf`` never gives up.
+    give_up_after_s: float | None = None
     #: Merges a success reply into the data; default: data[step name] = payload.
     on_reply: Callable[[Data, Mapping[str, Any]], Data] | None = None
 
@@ -122,6 +172,11 @@ class Saga:
     name: str
     steps: tuple[Step, ...]
     version: int = 1
+    #: How long a step's command may stay unanswered before the saga gives up
+    #: on the step and compensates (steps may say otherwise).
+    give_up_after_s: float = GIVE_UP_AFTER_S
+    #: How long a compensation may stay unanswered before the saga ends FAILED.
+    compensation_give_up_after_s: float = COMPENSATION_GIVE_UP_AFTER_S
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.steps]
@@ -133,6 +188,11 @@ class Saga:
     @property
     def reply_topics(self) -> list[str]:
         return sorted({s.reply_topic for s in self.steps if s.reply_topic})
+
+    def give_up_after(self, step: Step, *, compensating: bool) -> float:
+        if compensating:
+            return self.compensation_give_up_after_s
+        return step.give_up_after_s if step.give_up_after_s is not None else self.give_up_after_s
 
 
 @dataclass(frozen=True)
@@ -150,6 +210,11 @@ class SagaState:
     #: Explicit refusals of the current compensation: each retry after one is
     #: a new request (a new idempotency key), unlike a resend after silence.
     refusals: int = 0
+    #: When the current step's command (or compensation) was first sent: the
+    #: give-up clock starts there (epoch seconds; None while nothing waits).
+    step_started: float | None = None
+    #: The topic the saga waits on an answer from (the participant), if any.
+    waiting_on: str | None = None
 
 
 # -- effects -------------------------------------------------------------------
@@ -247,27 +312,68 @@ def on_reply(
     return state, effects
 
 
-def on_timeout(definition: Saga, state: SagaState, now: float) -> tuple[SagaState, list[Effect]]:
-    """The deadline passed: resend the command, or give the step up."""
+def on_timeout(
+    definition: Saga, state: SagaState, now: float, *, unavailable: bool = False
+) -> tuple[SagaState, list[Effect]]:
+    """The deadline passed: resend the command, or give up waiting for it.
+
+    `unavailable` says the participant the saga waits on is known to be down
+    (many sagas' commands to it unanswered, nothing heard from it for a
+    while): the saga then never gives up, and resends at the longest interval.
+    """
     effects: list[Effect] = []
     if state.status in TERMINAL or state.deadline is None:
         return state, effects
     step = definition.steps[state.step]
     compensating = state.status == COMPENSATING
+    if compensating and step.compensation is None:
+        # A local compensation that failed: the deadline is its retry timer.
+        effects.append(
+            Log("RETRY", step.name, {"attempt": state.attempt + 1, "compensation": True})
+        )
+        state = dataclasses.replace(state, attempt=state.attempt + 1)
+        return _send_compensation(definition, state, now, effects), effects
     policy = step.compensation_retry if compensating else step.retry
-    if state.attempt < policy.max_attempts:
-        attempt = state.attempt + 1
-        effects.append(Log("RETRY", step.name, {"attempt": attempt, "compensation": compensating}))
-        state = dataclasses.replace(state, attempt=attempt)
-        if compensating:
-            return _send_compensation(definition, state, now, effects), effects
-        return _send_command(definition, state, now, effects), effects
-    if compensating:
+    if compensating and policy.max_attempts is not None and state.refusals >= policy.max_attempts:
         reason = f"compensation of {step.name!r} did not succeed after {state.attempt} attempts"
         effects.append(Log("FAILED", step.name, {"reason": reason}))
-        return dataclasses.replace(state, status=FAILED, deadline=None, reason=reason), effects
-    reason = f"step {step.name!r} had no answer after {state.attempt} attempts"
-    effects.append(Log("TIMEOUT", step.name, {"attempts": state.attempt}))
+        state = dataclasses.replace(state, status=FAILED, deadline=None, reason=reason,
+                                    waiting_on=None)  # fmt: skip
+        return state, effects
+    started = state.step_started if state.step_started is not None else now
+    waited = now - started
+    give_up_after = definition.give_up_after(step, compensating=compensating)
+    out_of_sends = (
+        not compensating
+        and policy.max_attempts is not None
+        and (state.attempt >= policy.max_attempts)
+    )
+    if (waited < give_up_after and not out_of_sends) or unavailable:
+        attempt = state.attempt + 1
+        detail: dict[str, Any] = {"attempt": attempt, "compensation": compensating,
+                                  "waited_s": round(waited, 3)}  # fmt: skip
+        if unavailable:
+            detail["participant_unavailable"] = True
+        effects.append(Log("RETRY", step.name, detail))
+        state = dataclasses.replace(state, attempt=attempt)
+        if compensating:
+            state = _send_compensation(definition, state, now, effects, slow=unavailable)
+        else:
+            state = _send_command(definition, state, now, effects, slow=unavailable)
+        return state, effects
+    command = step.compensation if compensating else step.command
+    assert command is not None
+    what = f"{command.type} on {command.topic!r}"
+    why = f"after {state.attempt} sends" if out_of_sends else f"after {waited:.0f}s"
+    if compensating:
+        reason = f"gave up waiting for compensation {what} of step {step.name!r} ({why})"
+        effects.append(Log("FAILED", step.name, {"reason": reason}))
+        state = dataclasses.replace(state, status=FAILED, deadline=None, reason=reason,
+                                    waiting_on=None)  # fmt: skip
+        return state, effects
+    reason = f"gave up waiting for {what} of step {step.name!r} ({why}, {state.attempt} sends)"
+    effects.append(Log("GAVE_UP", step.name, {"attempts": state.attempt, "reason": reason,
+                                              "waited_s": round(waited, 3)}))  # fmt: skip
     # The command's outcome is unknown: compensate this step too (the
     # compensation seals the command, so a late copy is never performed).
     return _begin_compensation(
@@ -301,10 +407,12 @@ def on_local_result(
             return _next_compensation(definition, state, state.step - 1, now, effects), effects
         attempt = state.attempt
         policy = step.compensation_retry
-        if attempt >= policy.max_attempts:
+        if policy.max_attempts is not None and attempt >= policy.max_attempts:
             reason = f"compensation of {step.name!r} failed {attempt} times: {error}"
             effects.append(Log("FAILED", step.name, {"reason": reason}))
-            return dataclasses.replace(state, status=FAILED, deadline=None, reason=reason), effects
+            state = dataclasses.replace(state, status=FAILED, deadline=None, reason=reason,
+                                        waiting_on=None)  # fmt: skip
+            return state, effects
         effects.append(Log("COMPENSATION_ERROR", step.name, {"error": error, "attempt": attempt}))
         wait = max(policy.backoff(attempt + 1), policy.backoff_s)
         return dataclasses.replace(state, deadline=now + wait), effects
@@ -316,9 +424,12 @@ def _enter_step(
 ) -> SagaState:
     if index >= len(definition.steps):
         effects.append(Log(COMPLETED, None, {}))
-        return dataclasses.replace(state, status=COMPLETED, step=index, deadline=None, attempt=0)
+        return dataclasses.replace(state, status=COMPLETED, step=index, deadline=None, attempt=0,
+                                   step_started=None, waiting_on=None)  # fmt: skip
     step = definition.steps[index]
-    state = dataclasses.replace(state, step=index, attempt=1, refusals=0)
+    state = dataclasses.replace(
+        state, step=index, attempt=1, refusals=0, step_started=None, waiting_on=None
+    )
     if step.action is not None:
         effects.append(RunLocal(step.name, step.action, compensation=False))
         return dataclasses.replace(state, deadline=None)
@@ -326,26 +437,42 @@ def _enter_step(
 
 
 def _send_command(
-    definition: Saga, state: SagaState, now: float, effects: list[Effect]
+    definition: Saga, state: SagaState, now: float, effects: list[Effect], *, slow: bool = False
 ) -> SagaState:
     step = definition.steps[state.step]
     assert step.command is not None
     effects.append(_command(definition, state, step, step.command, compensation=False))
-    deadline = now + step.timeout_s + step.retry.backoff(state.attempt)
-    return dataclasses.replace(state, deadline=deadline)
+    return _waiting(state, step, step.command, step.retry, now, slow=slow)
 
 
 def _send_compensation(
-    definition: Saga, state: SagaState, now: float, effects: list[Effect]
+    definition: Saga, state: SagaState, now: float, effects: list[Effect], *, slow: bool = False
 ) -> SagaState:
     step = definition.steps[state.step]
     if step.compensate is not None:
         effects.append(RunLocal(step.name, step.compensate, compensation=True))
-        return dataclasses.replace(state, deadline=None)
+        return dataclasses.replace(state, deadline=None, waiting_on=None, step_started=None)
     assert step.compensation is not None
     effects.append(_command(definition, state, step, step.compensation, compensation=True))
-    deadline = now + step.timeout_s + step.compensation_retry.backoff(state.attempt)
-    return dataclasses.replace(state, deadline=deadline)
+    return _waiting(state, step, step.compensation, step.compensation_retry, now, slow=slow)
+
+
+def _waiting(
+    state: SagaState,
+    step: Step,
+    command: Command,
+    policy: RetryPolicy,
+    now: float,
+    *,
+    slow: bool,
+) -> SagaState:
+    """The state after a send: when to resend, and since when the step waits."""
+    sends = state.attempt if not slow else 1_000  # a participant known down: the longest wait
+    wait = policy.resend_after(step.timeout_s, sends, _spread(state.id, step.name, state.attempt))
+    started = state.step_started if state.step_started is not None else now
+    return dataclasses.replace(
+        state, deadline=now + wait, step_started=started, waiting_on=command.topic
+    )
 
 
 def _command(
@@ -395,6 +522,9 @@ def _next_compensation(
         index -= 1
     if index < 0:
         effects.append(Log(COMPENSATED, None, {"reason": state.reason}))
-        return dataclasses.replace(state, status=COMPENSATED, step=0, deadline=None, attempt=0)
-    state = dataclasses.replace(state, step=index, attempt=1, refusals=0)
+        return dataclasses.replace(state, status=COMPENSATED, step=0, deadline=None, attempt=0,
+                                   step_started=None, waiting_on=None)  # fmt: skip
+    state = dataclasses.replace(
+        state, step=index, attempt=1, refusals=0, step_started=None, waiting_on=None
+    )
     return _send_compensation(definition, state, now, effects)

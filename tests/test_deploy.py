@@ -468,9 +468,9 @@ def test_without_a_spec_deploy_installs_then_reports_the_schema_up_to_date(
     first = cli("deploy", "--dsn", legacy_db)
     assert first.exit_code == 0, first.output
     assert (
-        "schema: applied version 3 (001_outbox.sql, 002_outbox_time_ordered_ids.sql, 003_relay_dead_letter.sql)"
-        in (first.stdout)
-    )
+        "schema: applied version 3 "
+        "(001_outbox.sql, 002_outbox_time_ordered_ids.sql, 003_relay_dead_letter.sql)"
+    ) in first.stdout
     again = cli("deploy", env={"WALSAGA_DSN": legacy_db})
     assert again.exit_code == 0, again.output
     assert again.stdout.splitlines() == [

@@ -113,26 +113,28 @@ def test_every_message_delivered_twice_changes_nothing(
         assert snapshot() == before
 
 
-def test_a_step_that_times_out_is_retried_then_compensated(
+def test_a_step_whose_deadline_really_passes_compensates_with_gave_up_waiting(
     tmp_path: Path, make_database: Any, broker: str
 ) -> None:
-    quick = orders.create_order_saga(
-        timeout_s=1.0, retry=RetryPolicy(max_attempts=2, backoff_s=0.2)
-    )
+    quick = orders.create_order_saga(timeout_s=1.0, give_up_after_s=4.0)
     with running_shop(tmp_path, make_database, broker, "orchestration", definition=quick) as shop:
         shop.stop_participant("customer-service")
-        ids = [shop.order("c2", 10) for _ in range(3)]
+        ids = [shop.order("c2", 10) for _ in range(3)]  # too few to call the service down
         with psycopg.connect(shop.orders_dsn) as conn:
             wait_until(
-                lambda: all("TIMEOUT" in [k for k, _, _ in saga_log(conn, i)] for i in ids),
+                lambda: all("GAVE_UP" in [k for k, _, _ in saga_log(conn, i)] for i in ids),
                 timeout_s=30,
-                what="the reserve-credit step to time out",
+                what="the reserve-credit step to be given up",
             )
             for order_id in ids:
                 kinds = [k for k, _, _ in saga_log(conn, order_id)]
                 assert kinds.count("RETRY") >= 1
-                assert kinds.count("COMMAND") >= 3  # 2 attempts, then the compensation
-        # The customer service comes back and works through what waited for it.
+                assert kinds.count("COMMAND") >= 3  # sent, resent, then the compensation
+                state = saga_status(conn, order_id)
+                assert state is not None
+                assert (state.reason or "").startswith("gave up waiting for ReserveCredit")
+        # The customer service comes back and works through what waited for it:
+        # the late answers change nothing, the orders stay rejected.
         shop.start_participant("customer-service")
         statuses = shop.wait_settled(ids, timeout_s=60)
         assert set(statuses.values()) == {"REJECTED"}

@@ -88,23 +88,61 @@ def test_a_business_failure_compensates_completed_steps_in_reverse_order() -> No
     assert logged(effects)[-1] == "COMPENSATED"
 
 
-def test_a_timeout_resends_the_same_command_then_gives_up_and_compensates_it_too() -> None:
-    defn = Saga("t", (remote("A"), remote("B", retry=RetryPolicy(max_attempts=2))))
+def test_an_unanswered_command_is_resent_with_growing_waits_then_given_up_with_a_reason() -> None:
+    defn = Saga("t", (remote("A"), remote("B")), give_up_after_s=120)
     state, _ = saga.start(defn, "s1", {"key": "k"}, now=0)
     state, _ = saga.on_reply(defn, state, reply("ADone"), now=1)
-    assert state.deadline == 11
-    state, effects = saga.on_timeout(defn, state, now=11)
-    assert sent(effects) == ["DoB"]
-    assert state.attempt == 2
-    assert state.deadline == 11 + 10 + 0.5  # timeout plus backoff
-    retried = next(e for e in effects if isinstance(e, SendCommand))
-    assert retried.headers["idempotency_key"] == "s1/B/do"  # same key: performed once
-    state, effects = saga.on_timeout(defn, state, now=22)
-    assert logged(effects)[:2] == ["TIMEOUT", "COMPENSATING"]
-    # Outcome of B unknown: B is compensated, then A.
+    assert state.deadline == 11  # the step's timeout
+    assert (state.step_started, state.waiting_on) == (1, "B-commands")
+    waits = []
+    while state.status == saga.RUNNING:
+        now = state.deadline
+        assert now is not None
+        state, effects = saga.on_timeout(defn, state, now=now)
+        if state.status != saga.RUNNING:
+            break
+        assert sent(effects) == ["DoB"]
+        retried = next(e for e in effects if isinstance(e, SendCommand))
+        assert retried.headers["idempotency_key"] == "s1/B/do"  # same key: performed once
+        assert state.step_started == 1  # the give-up clock does not restart
+        waits.append(state.deadline - now)  # type: ignore[operator]
+    # Waits double from the timeout, capped at 60 s, less at most 20% jitter.
+    assert [round(w) for w in waits[:3]] != [10, 10, 10]
+    for n, wait in enumerate(waits, start=2):
+        step = min(10 * 2 ** (n - 1), 60)
+        assert 0.8 * step <= wait <= step
+    # Given up once 120 s had passed since the first send: B's outcome is
+    # unknown, so B is compensated too, then A.
+    assert logged(effects)[:2] == ["GAVE_UP", "COMPENSATING"]
+    assert state.reason is not None and state.reason.startswith("gave up waiting for DoB")
     assert sent(effects) == ["UndoB"]
-    state, effects = saga.on_reply(defn, state, reply("BUndone"), now=23)
+    state, effects = saga.on_reply(defn, state, reply("BUndone"), now=200)
     assert sent(effects) == ["UndoA"]
+
+
+def test_a_participant_known_down_keeps_its_sagas_waiting_at_the_longest_interval() -> None:
+    defn = Saga("t", (remote("A"),), give_up_after_s=30)
+    state, _ = saga.start(defn, "s1", {"key": "k"}, now=0)
+    for _ in range(20):
+        now = state.deadline
+        assert now is not None
+        state, effects = saga.on_timeout(defn, state, now=now, unavailable=True)
+        assert state.status == saga.RUNNING and sent(effects) == ["DoA"]
+        assert 48 <= state.deadline - now <= 60  # type: ignore[operator]
+    assert state.deadline > 600  # type: ignore[operator]
+    # It comes back: the answer is taken as if nothing had happened.
+    state, effects = saga.on_reply(defn, state, reply("ADone"), now=state.deadline)  # type: ignore[arg-type]
+    assert state.status == saga.COMPLETED
+
+
+def test_max_attempts_still_bounds_the_sends_of_a_step() -> None:
+    defn = Saga("t", (remote("A", retry=RetryPolicy(max_attempts=2)),))
+    state, _ = saga.start(defn, "s1", {"key": "k"}, now=0)
+    state, effects = saga.on_timeout(defn, state, now=10)
+    assert sent(effects) == ["DoA"] and state.attempt == 2
+    state, effects = saga.on_timeout(defn, state, now=state.deadline)  # type: ignore[arg-type]
+    assert "GAVE_UP" in logged(effects)
+    assert "after 2 sends" in (state.reason or "")
 
 
 def test_a_compensation_that_keeps_failing_ends_failed_never_compensated() -> None:

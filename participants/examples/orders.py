@@ -31,7 +31,7 @@ from participants.handlers import HandlerContext, publish
 from participants.message import Message
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
-from participants.saga import Command, RetryPolicy, Saga, Step
+from participants.saga import GIVE_UP_AFTER_S, Command, RetryPolicy, Saga, Step
 from walsaga.errors import BusinessError
 
 Mode = Literal["choreography", "orchestration"]
@@ -174,11 +174,23 @@ def _approve_order(conn: Any, data: dict[str, Any]) -> None:
         raise BusinessError(f"order {data['order_id']} is no longer pending")
 
 
-def create_order_saga(*, timeout_s: float = 10.0, retry: RetryPolicy | None = None) -> Saga:
-    """The create-order saga; commands wait `timeout_s` for a reply, resent per `retry`."""
+def create_order_saga(
+    *,
+    timeout_s: float = 10.0,
+    retry: RetryPolicy | None = None,
+    give_up_after_s: float = GIVE_UP_AFTER_S,
+) -> Saga:
+    """The create-order saga.
+
+    A command unanswered for `timeout_s` is resent, with waits growing per
+    `retry`; the saga gives up on it (and rejects the order) only after
+    `give_up_after_s` (ten minutes by default), never while the customer
+    service is known to be down.
+    """
     retry = retry or RetryPolicy()
     return Saga(
         "create-order",
+        give_up_after_s=give_up_after_s,
         steps=(
             # The order row itself is written by create_order(); undoing it
             # means rejecting it.

@@ -25,7 +25,7 @@ from participants.examples.travel import car, flight, holds, hotel
 from participants.handlers import publish
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
-from participants.saga import Command, RetryPolicy, Saga, Step
+from participants.saga import GIVE_UP_AFTER_S, Command, RetryPolicy, Saga, Step
 from walsaga import schema
 from walsaga.errors import BusinessError
 
@@ -242,9 +242,13 @@ BOOKINGS = (FLIGHT, HOTEL, CAR)
 
 
 def trip_saga(
-    *, timeout_s: float = 10.0, retry: RetryPolicy | None = None, name: str = "trip"
+    *,
+    timeout_s: float = 10.0,
+    retry: RetryPolicy | None = None,
+    give_up_after_s: float = GIVE_UP_AFTER_S,
+    name: str = "trip",
 ) -> Saga:
-    """The trip saga; `timeout_s` and `retry` apply to every command it sends.
+    """The trip saga; `timeout_s`, `retry` and `give_up_after_s` apply to every command.
 
     Steps: hold seats, rooms and a car, then confirm the three, then confirm
     the trip. Only the holds have compensations (releasing them also cancels
@@ -253,6 +257,7 @@ def trip_saga(
     retry = retry or RetryPolicy()
     return Saga(
         name,
+        give_up_after_s=give_up_after_s,
         steps=(
             # The trip row is written by book_trip(); undoing it means rejecting it.
             Step("book-trip", action=lambda conn, data: None, compensate=_reject_trip),
