@@ -17,7 +17,6 @@ from relay import deploy as deploying
 from relay.capture import CaptureSpec, load_spec
 from relay.config import RelayConfig, SourceConfig, load_relay_config
 from relay.deploy import DeployReport, RelayRole
-from relay.routing import Router
 from walsaga import logs, schema
 from walsaga.cli import fail
 from walsaga.errors import ConfigError, WalsagaError, from_psycopg
@@ -290,7 +289,7 @@ def replay(
     if since is not None and since.tzinfo is None:
         since = since.astimezone()
     producer = Producer({**config.producer_settings(), "logger": kafka_logger()})
-    router = Router(config.template_for(source), source.name)
+    router = config.router(source)
     try:
         with psycopg.connect(source.dsn) as conn:
             report = outbox.replay(

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from relay.presets import DEBEZIUM_TOPIC_TEMPLATE, CloudEventsMode, CompatMode, shape_for
+from relay.routing import Router
 from walsaga.config import Strict, load
 
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -65,6 +67,10 @@ class RelaySettings(Strict):
     """The ``[relay]`` table."""
 
     topic_template: str = "{aggregatetype}"
+    #: CloudEvents Kafka binding, binary mode: ce_* headers on every record.
+    cloudevents: CloudEventsMode = "none"
+    #: Shape records for consumers of another relay: "debezium" (its outbox event router).
+    compat: CompatMode = "none"
     #: An event Kafka refuses for good (too large, invalid): report it on the
     #: dead-letter topic and go on ("dead-letter"), or stop the source there ("halt").
     on_refused: OnRefused = "dead-letter"
@@ -102,6 +108,8 @@ class RelaySettings(Strict):
     def _retry_bounds(self) -> RelaySettings:
         if self.retry_min_s > self.retry_max_s:
             raise ValueError("retry_min_s must not exceed retry_max_s")
+        if self.cloudevents != "none" and self.compat != "none":
+            raise ValueError("choose one of cloudevents and compat: their values differ")
         return self
 
 
@@ -167,7 +175,18 @@ class RelayConfig(Strict):
         return {**PRODUCER_DEFAULTS, **self.kafka}
 
     def template_for(self, source: SourceConfig) -> str:
-        return source.topic_template or self.relay.topic_template
+        if source.topic_template:
+            return source.topic_template
+        if self.relay.compat == "debezium" and "topic_template" not in self.relay.model_fields_set:
+            return DEBEZIUM_TOPIC_TEMPLATE
+        return self.relay.topic_template
+
+    def router(self, source: SourceConfig) -> Router:
+        """The router of `source`: its topic template and the relay's preset."""
+        shape = shape_for(
+            cloudevents=self.relay.cloudevents, compat=self.relay.compat, source=source.name
+        )
+        return Router(self.template_for(source), source.name, shape=shape)
 
     def on_refused(self, source: SourceConfig) -> OnRefused:
         return source.on_refused or self.relay.on_refused

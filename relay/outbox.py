@@ -230,10 +230,21 @@ def replay(
         topic, headers = router.route(event, 0)
         del headers["lsn"]
         headers["walsaga.replay"] = "1"
+        # The commit time is not kept with a row: its transaction's start is
+        # the nearest the table knows.
+        started = created_at.isoformat()
+        topic, value, key, headers, _ = router.shaped(
+            topic, event.payload, event.aggregateid, headers, started
+        )
         while True:
             try:
                 producer.produce(
-                    topic, event.payload, event.aggregateid, headers=headers, on_delivery=delivered
+                    topic,
+                    value,
+                    key,
+                    headers=headers,
+                    on_delivery=delivered,
+                    timestamp=int(created_at.timestamp() * 1000),
                 )
                 break
             except BufferError:

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from relay.presets import Shape
 from relay.wal2json import HEARTBEAT, Heartbeat, OutboxEvent, decode, exact_headers
 
 #: Events whose topic would not be a legal Kafka topic name go here, with the
@@ -32,18 +33,20 @@ def header_value(value: Any) -> str | bytes:
 
 #: A Kafka record ready for ``Producer.produce``: topic, value, key, headers, and
 #: the commit timestamp of its transaction as wal2json prints it (None if absent).
-Record = tuple[str, bytes, str, dict[str, str | bytes | None], str | None]
+Record = tuple[str, bytes, str | bytes, dict[str, str | bytes | None], str | None]
 
 
 class Router:
     """Builds Kafka records for one source."""
 
-    __slots__ = ("_by_aggregate_only", "_lsn_high", "_lsn_prefix", "_source", "_template",
-                 "_topics", "_xid", "_xid_text")  # fmt: skip
+    __slots__ = ("_by_aggregate_only", "_lsn_high", "_lsn_prefix", "_shape", "_source",
+                 "_template", "_topics", "_xid", "_xid_text")  # fmt: skip
 
-    def __init__(self, template: str, source: str) -> None:
+    def __init__(self, template: str, source: str, *, shape: Shape | None = None) -> None:
         self._template = template
         self._source = source
+        #: An interoperability preset's reshaping (relay.presets), or None.
+        self._shape = shape
         self._topics: dict[tuple[str, str], tuple[str, str | None]] = {}
         self._by_aggregate_only = "{type}" not in template
         self._lsn_high = -1
@@ -170,7 +173,23 @@ class Router:
         topic, unroutable = found
         if unroutable is not None:
             headers["walsaga.unroutable"] = unroutable
+        if self._shape is not None:
+            return self.shaped(topic, value, aggregateid, headers, commit_time)
         return topic, value, aggregateid, headers, commit_time
+
+    def shaped(
+        self,
+        topic: str,
+        value: bytes,
+        key: str,
+        headers: dict[str, str | bytes | None],
+        commit_time: str | None,
+    ) -> Record:
+        """The record as the relay's preset wants it (unchanged without one)."""
+        if self._shape is None:
+            return topic, value, key, headers, commit_time
+        topic, value, shaped_key, headers = self._shape(topic, value, key, headers, commit_time)
+        return topic, value, shaped_key, headers, commit_time
 
     def _record_slowly(self, data: bytes | memoryview, lsn: int) -> Record | Heartbeat | None:
         item = decode(data)
@@ -178,4 +197,4 @@ class Router:
             return item
         assert isinstance(item, OutboxEvent)
         topic, headers = self.route(item, lsn)
-        return topic, item.payload, item.aggregateid, headers, item.commit_time
+        return self.shaped(topic, item.payload, item.aggregateid, headers, item.commit_time)

@@ -191,6 +191,7 @@ class Session:
         record = self.record
         produce = self.produce
         event = window.event
+        commit_ms = self.commit_times.millis
         gaps = self.gaps
         consume_input = self._consume_input
         group: Group | None = None
@@ -235,7 +236,8 @@ class Session:
                     ack = g.ack
                 g.nbytes += len(value) + len(key)
                 try:
-                    produce(topic, value, key, headers=headers, on_delivery=ack)
+                    produce(topic, value, key, headers=headers, on_delivery=ack,
+                            timestamp=commit_ms(commit_time))  # fmt: skip
                 except BufferError:
                     self._produce_when_possible(rec, g, lsn)
                 except KafkaException as e:
@@ -271,7 +273,8 @@ class Session:
         while True:
             self._backpressure()
             try:
-                self.produce(topic, value, key, headers=headers, on_delivery=group.ack)
+                self.produce(topic, value, key, headers=headers, on_delivery=group.ack,
+                             timestamp=self.commit_times.millis(rec[4]))  # fmt: skip
                 return
             except BufferError:
                 continue
@@ -293,8 +296,9 @@ class Session:
         reason = error.str() if error is not None else str(exc)
         if failure is Failure.BLOCKED:
             self._halt(failure, f"event {event_id} to {topic!r}: {reason}", lsn)
+        text_key = key.decode(errors="replace") if isinstance(key, bytes) else key
         refused = Refused(
-            event_id, topic, key, value, headers, lsn, reason, delivery.error_name(error)
+            event_id, topic, text_key, value, headers, lsn, reason, delivery.error_name(error)
         )
         self._refuse(group, refused)
 
@@ -500,8 +504,11 @@ class Session:
         for event_id, topic, key in rows:
             self.gaps[(topic, key)] = event_id
 
-    def _close_gap(self, topic: str, key: str, headers: dict[str, str | bytes | None]) -> None:
-        missing = self.gaps.pop((topic, key), None)
+    def _close_gap(
+        self, topic: str, key: str | bytes, headers: dict[str, str | bytes | None]
+    ) -> None:
+        text = key if isinstance(key, str) else key.decode(errors="replace")
+        missing = self.gaps.pop((topic, text), None)
         if missing is not None:
             headers[GAP_HEADER] = missing
             self.gaps_reported.append((missing, str(headers.get("id"))))

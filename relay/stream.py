@@ -31,7 +31,6 @@ from relay.config import RelayConfig, SourceConfig
 from relay.delivery import SourceHaltedError
 from relay.metrics import LatencyWindow, RelayMetrics, SourceMetrics
 from relay.producer import SourceProducer
-from relay.routing import Router
 from relay.session import Session, SessionContext, StreamStatus
 from relay.wal2json import PLUGIN_OPTIONS, format_lsn
 from walsaga.errors import (
@@ -78,7 +77,7 @@ class SourceStream:
         self.context = SessionContext(
             source=source,
             settings=self.settings,
-            router=Router(config.template_for(source), source.name),
+            router=config.router(source),
             metrics=self.metrics,
             status=self.status,
             latencies=self.latencies,

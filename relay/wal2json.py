@@ -10,7 +10,7 @@ positions the relay confirms are change positions (see :mod:`relay.window`).
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -240,22 +240,44 @@ def _event_from_message(msg: dict[str, Any]) -> OutboxEvent:
 
 
 class CommitTimes:
-    """Turns wal2json timestamps ('2026-11-22 00:07:53.80986+00') into epoch seconds.
+    """Turns wal2json commit timestamps ('2026-11-22 00:07:53.80986+00') into epoch
+    seconds, epoch milliseconds (the Kafka record timestamp) and RFC 3339 text.
 
     Events of one transaction share their timestamp, so the last parse is kept.
     """
 
-    __slots__ = ("_epoch", "_text")
+    __slots__ = ("_epoch", "_iso", "_ms", "_text")
 
     def __init__(self) -> None:
         self._text: str | None = None
         self._epoch = 0.0
+        self._ms = 0
+        self._iso = ""
+
+    def _parse(self, commit_time: str) -> None:
+        moment = datetime.fromisoformat(commit_time)
+        self._epoch = moment.timestamp()
+        self._ms = int(self._epoch * 1000)
+        self._iso = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        self._text = commit_time
 
     def epoch(self, commit_time: str) -> float:
         if commit_time != self._text:
-            self._epoch = datetime.fromisoformat(commit_time).timestamp()
-            self._text = commit_time
+            self._parse(commit_time)
         return self._epoch
+
+    def millis(self, commit_time: str | None) -> int:
+        """Epoch milliseconds (0, "now" to librdkafka, when there is no commit time)."""
+        if commit_time is None:
+            return 0
+        if commit_time != self._text:
+            self._parse(commit_time)
+        return self._ms
+
+    def rfc3339(self, commit_time: str) -> str:
+        if commit_time != self._text:
+            self._parse(commit_time)
+        return self._iso
 
 
 def format_lsn(lsn: int) -> str:
