@@ -56,6 +56,30 @@ class HandlerContext:
             merged.update(headers)
         return publish(self.conn, aggregatetype, aggregateid, type, payload, merged)
 
+    def request_effect(
+        self,
+        target: str,
+        payload: Mapping[str, Any],
+        *,
+        key: str | None = None,
+        aggregate_id: str | None = None,
+    ) -> str:
+        """Ask an effect worker to call `target` with `payload`, in this transaction.
+
+        Returns the idempotency key: by default the message's own (a saga
+        command's ``<saga>/<step>/do``, derived from the saga and the step; an
+        event's id otherwise) followed by ``/<target>``. A repeat with the same
+        key changes nothing. The outcome event carries this message's saga
+        headers, with `aggregate_id` (default: the message's key) as its key.
+        See docs/external-effects.md.
+        """
+        from participants.effects.store import request
+
+        key = key or f"{self.message.dedupe_key}/{target}"
+        request(self.conn, target, key, payload, headers=self.message.correlation(),
+                aggregate_id=aggregate_id or self.message.key or self.message.saga_id)  # fmt: skip
+        return key
+
 
 def publish(
     conn: psycopg.Connection[Any],

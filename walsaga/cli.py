@@ -24,8 +24,13 @@ _COMMANDS: dict[str, tuple[str, str | None]] = {
     "deploy": ("relay.cli:deploy", None),
     "relay": ("relay.cli:relay", None),
     "participant": ("participants.cli:participant", None),
+    "effects": ("participants.effects.cli:effects", None),
     "order-service": ("participants.examples.cli:order_service", "examples"),
     "travel-service": ("participants.examples.cli:travel_service", "examples"),
+    "registration-service": (
+        "participants.examples.registration.cli:registration_service",
+        "examples",
+    ),
     "demo": ("participants.examples.cli:demo", "demo"),
 }
 
