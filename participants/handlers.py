@@ -18,15 +18,26 @@ from psycopg.types.json import Jsonb
 
 from participants import commit
 from participants.message import Message
+from walsaga.tracing import TraceContext
 
 
 class HandlerContext:
     """The participant's open transaction while one message is handled."""
 
-    def __init__(self, conn: psycopg.Connection[Any], message: Message, participant: str) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        message: Message,
+        participant: str,
+        *,
+        trace: TraceContext | None = None,
+    ) -> None:
         self.conn = conn
         self.message = message
         self.participant = participant
+        #: This hop's trace context (the message's trace, a span of its own), if
+        #: the message carried one: every event this transaction writes carries it.
+        self.trace = trace
 
     def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[Any]:
         return self.conn.execute(query, params)

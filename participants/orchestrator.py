@@ -11,6 +11,7 @@ them first (``FOR UPDATE SKIP LOCKED``). Ended sagas are announced with
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime
@@ -27,9 +28,11 @@ from participants import saga as machine
 from participants.availability import Availability
 from participants.handlers import HandlerContext, Route
 from participants.message import Message
-from participants.runtime import Participant
+from participants.runtime import Participant, set_trace
 from participants.saga import Effect, Log, Reply, RunLocal, Saga, SagaState, SendCommand
+from walsaga import tracing
 from walsaga.errors import BusinessError, SetupError
+from walsaga.tracing import TraceContext
 
 log = structlog.get_logger("walsaga.orchestrator")
 
@@ -60,9 +63,9 @@ _PUBLISH = "SELECT walsaga.publish(%s, %s, %s, %s, %s)"
 
 _COLUMNS = (
     "id, definition, version, status, step, completed, attempt, data, deadline, reason, refusals, "
-    "step_started_at, waiting_on"
+    "step_started_at, waiting_on, traceparent, tracestate"
 )
-_VALUES = ", ".join(["%s"] * 13)
+_VALUES = ", ".join(["%s"] * 15)
 
 
 def _epoch(ts: datetime | None) -> float | None:
@@ -88,6 +91,8 @@ def _state(row: tuple[Any, ...]) -> SagaState:
         refusals=row[10],
         step_started=_epoch(row[11]),
         waiting_on=row[12],
+        traceparent=row[13],
+        tracestate=row[14],
     )
 
 
@@ -156,12 +161,23 @@ class Orchestrator:
         definition: str | Saga,
         saga_id: str,
         data: dict[str, Any],
+        *,
+        trace: TraceContext | None = None,
     ) -> SagaState:
         """Start a saga in the caller's transaction (commit it together with the
-        business change that needs the saga)."""
+        business change that needs the saga).
+
+        `trace` is the caller's trace context (from its request, say): the
+        transaction should carry it too (``participants.runtime.set_trace``),
+        so the commands written now carry it; resends continue it.
+        """
         defn = self._definition(definition if isinstance(definition, str) else definition.name)
         now = time.time()
         state, effects = machine.start(defn, saga_id, data, now)
+        if trace is not None:
+            state = dataclasses.replace(
+                state, traceparent=trace.traceparent, tracestate=trace.state
+            )
         state, writes = self._apply(conn, defn, state, effects, now)
         writes.statements.append((f"INSERT INTO walsaga.saga ({_COLUMNS}) VALUES ({_VALUES})",
                                   self._row(state)))  # fmt: skip
@@ -190,7 +206,11 @@ class Orchestrator:
             return
         payload = message.payload if isinstance(message.payload, dict) else {}
         reply = Reply(message.type or "", payload, message.headers, message.id)
-        new = self._advance(ctx.conn, defn, state, machine.on_reply, reply)
+        if ctx.trace is not None:  # the reply's hop is the saga's latest
+            state = dataclasses.replace(
+                state, traceparent=ctx.trace.traceparent, tracestate=ctx.trace.state
+            )
+        new = self._advance(ctx.conn, defn, state, machine.on_reply, reply, cause=message.id)
         if state.waiting_on is not None and new != state:
             self.availability.answered(ctx.conn, state.waiting_on)
 
@@ -206,12 +226,29 @@ class Orchestrator:
             (limit,),
         ).fetchall()
         down = self.availability.refresh(conn) if rows else self.availability.down
+        traced = False
         for row in rows:
             state = _state(row)
             defn = self.definitions.get(state.definition)
-            if defn is not None:
-                unavailable = state.waiting_on in down
+            if defn is None:
+                continue
+            unavailable = state.waiting_on in down
+            parent = tracing.parse(state.traceparent, state.tracestate)
+            if parent is None:
+                if traced:
+                    set_trace(conn, None)
+                    traced = False
                 self._advance(conn, defn, state, machine.on_timeout, unavailable=unavailable)
+                continue
+            # A resend is a hop of the saga's trace: a span of its own.
+            with tracing.span(f"{self.name} {state.definition} deadline", parent,
+                              kind="internal") as hop:  # fmt: skip
+                set_trace(conn, hop)
+                traced = True
+                state = dataclasses.replace(state, traceparent=hop.traceparent)
+                self._advance(conn, defn, state, machine.on_timeout, unavailable=unavailable)
+        if traced:
+            set_trace(conn, None)
         return len(rows)
 
     def watch(self, conn: psycopg.Connection[Any]) -> None:
@@ -228,8 +265,9 @@ class Orchestrator:
         **kwargs: Any,
     ) -> SagaState:
         now = time.time()
+        cause = kwargs.pop("cause", None)
         new, effects = transition(defn, state, *args, now, **kwargs)
-        new, writes = self._apply(conn, defn, new, effects, now)
+        new, writes = self._apply(conn, defn, new, effects, now, cause)
         if new != state:
             writes.statements.append(
                 (
@@ -237,13 +275,14 @@ class Orchestrator:
                     UPDATE walsaga.saga
                     SET status = %s, step = %s, completed = %s, attempt = %s, data = %s,
                         deadline = %s, reason = %s, refusals = %s, step_started_at = %s,
-                        waiting_on = %s, updated_at = now(),
+                        waiting_on = %s, traceparent = %s, tracestate = %s, updated_at = now(),
                         ended_at = CASE WHEN %s THEN now() END
                     WHERE id = %s
                     """,
                     (new.status, new.step, new.completed, new.attempt, Jsonb(new.data),
                      _ts(new.deadline), new.reason, new.refusals, _ts(new.step_started),
-                     new.waiting_on, new.status in machine.TERMINAL, new.id),
+                     new.waiting_on, new.traceparent, new.tracestate,
+                     new.status in machine.TERMINAL, new.id),
                 )
             )  # fmt: skip
             self._after(conn, writes, new, state)
@@ -261,10 +300,12 @@ class Orchestrator:
         state: SagaState,
         effects: list[Effect],
         now: float,
+        cause: str | None = None,
     ) -> tuple[SagaState, _Writes]:
         """Carry out effects. Local actions run at once and feed their outcome
         back into the machine; log rows and commands are collected and written
-        together (one round trip) by the caller."""
+        together (one round trip) by the caller. Commands carry `cause`, the
+        id of the reply that led to them, as ``causation_id``."""
         writes = _Writes()
         pending = list(effects)
         while pending:
@@ -273,8 +314,11 @@ class Orchestrator:
                 writes.logs.append((state.id, effect.kind, effect.step, Jsonb(effect.detail)))
             elif isinstance(effect, SendCommand):
                 command = effect.command
+                headers = (
+                    effect.headers if cause is None else {**effect.headers, "causation_id": cause}
+                )
                 writes.commands.append((command.topic, effect.aggregate_id, command.type,
-                                        Jsonb(effect.payload), Jsonb(effect.headers)))  # fmt: skip
+                                        Jsonb(effect.payload), Jsonb(headers)))  # fmt: skip
                 detail = {"type": command.type, "topic": command.topic, "attempt": state.attempt,
                           "key": effect.headers["idempotency_key"]}  # fmt: skip
                 writes.logs.append((state.id, "COMMAND", effect.step, Jsonb(detail)))
@@ -315,6 +359,8 @@ class Orchestrator:
             s.refusals,
             _ts(s.step_started),
             s.waiting_on,
+            s.traceparent,
+            s.tracestate,
         )
 
     def _after(

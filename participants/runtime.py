@@ -39,6 +39,7 @@ from participants.kafka import consumer_settings, ensure_topics, next_offsets
 from participants.message import Message
 from participants.outcome import Outcome, classify_failure
 from participants.schedule import Schedule
+from walsaga import tracing
 from walsaga.errors import SetupError, from_psycopg, is_transient_sqlstate
 from walsaga.http import new_registry
 from walsaga.retry import BackoffPolicy
@@ -114,6 +115,7 @@ class Participant:
         self.metrics = metrics or ParticipantMetrics()
         self.routes: list[Route] = []
         self.stop_event = threading.Event()
+        self._stop_requested: float | None = None
         self.ready = threading.Event()  # set once the consumer has partitions
         self.log = log.bind(participant=name)
         self.schedule = Schedule(self.log)
@@ -171,7 +173,16 @@ class Participant:
     # -- running -----------------------------------------------------------
 
     def stop(self) -> None:
+        """Stop taking records; :meth:`run` returns within ``shutdown_timeout_s`` from now."""
+        if self._stop_requested is None:
+            self._stop_requested = time.monotonic()
         self.stop_event.set()
+
+    def _stop_deadline(self, fraction: float) -> float:
+        """The monotonic time by which `fraction` of the stop's bound has passed."""
+        if self._stop_requested is None:  # stopped by a failure, not asked to
+            self._stop_requested = time.monotonic()
+        return self._stop_requested + self.shutdown_timeout_s * fraction
 
     def _on_assign(self, consumer: Any, partitions: Any) -> None:
         self.ready.set()
@@ -214,7 +225,8 @@ class Participant:
             self.stop_event.set()  # the other workers go with it
             raise
         finally:
-            deadline = time.monotonic() + self.shutdown_timeout_s
+            # The other workers close their consumers meanwhile, by the same deadline.
+            deadline = self._stop_deadline(0.9)
             for thread in extra:
                 thread.join(max(0.0, deadline - time.monotonic()))
             self.log.info("stopped")
@@ -273,9 +285,11 @@ class Participant:
 
         ``Consumer.close()`` waits for the broker as long as it takes; with the
         broker gone that is forever. It runs in a thread of its own and is
-        abandoned at the bound: the offsets it could not commit mean repeats
-        after the restart, which the inbox drops.
+        abandoned at 80% of the bound, counted from the stop request (the
+        batch under way had the time before): the offsets it could not commit
+        mean repeats after the restart, which the inbox drops.
         """
+        deadline = self._stop_deadline(0.8)
         done = threading.Event()
 
         def close() -> None:
@@ -286,8 +300,8 @@ class Participant:
             finally:
                 done.set()
 
-        threading.Thread(target=close, name=f"{self.name}-close", daemon=True).start()
-        if not done.wait(self.shutdown_timeout_s * 0.8):
+        threading.Thread(target=close, name=f"{self.name}-kafka-close", daemon=True).start()
+        if not done.wait(max(0.0, deadline - time.monotonic())):
             self.log.warning(
                 "kafka did not answer the close in time: leaving without committing offsets "
                 "(the records are delivered again after the restart, the inbox drops repeats)",
@@ -373,13 +387,29 @@ class Participant:
         try:
             with conn.transaction():
                 fresh = self._claim(conn, messages)
+                traced = False
                 for message in messages:
                     key = message.dedupe_key
                     if key not in fresh:
                         outcomes.append(Outcome.DUPLICATE)
                         continue
                     fresh.discard(key)  # a second copy in the same batch is a duplicate
-                    outcomes.append(self._handle_one(conn, message, isolated))
+                    parent = tracing.from_headers(message.headers)
+                    if parent is None:
+                        if traced:  # not the previous record's trace
+                            set_trace(conn, None)
+                            traced = False
+                        outcomes.append(self._handle_one(conn, message, isolated, None))
+                        continue
+                    with tracing.span(
+                        f"{self.name} {message.type or message.topic}",
+                        parent,
+                        attributes={"messaging.destination.name": message.topic,
+                                    "messaging.message.id": message.id},
+                    ) as hop:  # fmt: skip
+                        set_trace(conn, hop, cause=message.id)
+                        traced = True
+                        outcomes.append(self._handle_one(conn, message, isolated, hop))
         except psycopg.Error as e:
             commit.rolled_back(conn)
             if conn.broken:
@@ -410,7 +440,11 @@ class Participant:
         return {r[0] for r in rows}
 
     def _handle_one(
-        self, conn: psycopg.Connection[Any], message: Message, isolated: bool
+        self,
+        conn: psycopg.Connection[Any],
+        message: Message,
+        isolated: bool,
+        trace: tracing.TraceContext | None,
     ) -> Outcome:
         route = self.route_for(message)
         compensates = message.headers.get("compensates")
@@ -424,7 +458,7 @@ class Participant:
             )
         if route is None:
             return Outcome.IGNORED
-        ctx = HandlerContext(conn, message, self.name)
+        ctx = HandlerContext(conn, message, self.name, trace=trace)
         try:
             if route.savepoint or isolated:
                 with conn.transaction():
@@ -475,3 +509,21 @@ class Participant:
             "AND processed_at < now() - make_interval(secs => %s)",
             (self.name, self.inbox_retention_s),
         )
+
+
+def set_trace(
+    conn: psycopg.Connection[Any], hop: tracing.TraceContext | None, *, cause: str | None = None
+) -> None:
+    """Make `hop` the trace context of `conn`'s transaction (None: no trace): the
+    events it writes, through walsaga.publish or capture triggers, carry it, and
+    `cause` (the id of the message being handled) as their ``causation_id``."""
+    conn.execute(
+        "SELECT set_config('walsaga.traceparent', %s, true), "
+        "set_config('walsaga.tracestate', %s, true), "
+        "set_config('walsaga.causation_id', %s, true)",
+        (
+            hop.traceparent if hop else "",
+            (hop.state or "") if hop else "",
+            (cause or "") if hop else "",
+        ),
+    )

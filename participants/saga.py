@@ -215,6 +215,9 @@ class SagaState:
     step_started: float | None = None
     #: The topic the saga waits on an answer from (the participant), if any.
     waiting_on: str | None = None
+    #: The trace context of the saga's latest hop (W3C), continued by resends.
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 # -- effects -------------------------------------------------------------------

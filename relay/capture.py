@@ -352,11 +352,16 @@ def _outbox_body(capture: Capture) -> str:
         sql.Literal(entry.event),
         payload,
     ]
+    columns.append(sql.SQL("headers"))
     if entry.headers:
-        columns.append(sql.SQL("headers"))
         values.append(
-            _object("jsonb", ((name, _as_text(capture, c)) for name, c in entry.headers.items()))
+            sql.SQL("{} || {}").format(
+                _trace("jsonb"),
+                _object("jsonb", ((n, _as_text(capture, c)) for n, c in entry.headers.items())),
+            )
         )
+    else:
+        values.append(_trace("jsonb"))
     return _render(
         sql.SQL(
             "\nBEGIN\n"
@@ -385,9 +390,12 @@ def _message_body(capture: Capture) -> str:
         payload: sql.Composable = sql.SQL("pg_catalog.to_json({})").format(sql.SQL(capture.row))
     else:
         payload = _object("json", ((c, _field(capture, c)) for c in entry.payload))
-    headers: sql.Composable = sql.SQL("'{}'::pg_catalog.json")
+    headers: sql.Composable = _trace("jsonb")
     if entry.headers:
-        headers = _object("json", ((n, _as_text(capture, c)) for n, c in entry.headers.items()))
+        headers = sql.SQL("{} || {}").format(
+            _trace("jsonb"),
+            _object("jsonb", ((n, _as_text(capture, c)) for n, c in entry.headers.items())),
+        )
     event = sql.SQL(",\n            ").join(
         sql.SQL("{}, {}").format(sql.Literal(key), value)
         for key, value in (
@@ -424,6 +432,23 @@ def _message_body(capture: Capture) -> str:
             prefix=sql.Literal(MESSAGE_PREFIX),
             event=event,
         )
+    )
+
+
+def _trace(kind: Literal["jsonb"]) -> sql.Composable:
+    """The transaction's trace context (``walsaga.traceparent``/``tracestate``, and the
+    ``walsaga.causation_id`` a participant sets with them) as headers.
+
+    Read with one setting lookup when none is set, the usual case; a
+    transaction that sets them has its events carry them.
+    """
+    return sql.SQL(
+        "CASE WHEN pg_catalog.current_setting('walsaga.traceparent', true) > '' "
+        "THEN pg_catalog.jsonb_strip_nulls(pg_catalog.jsonb_build_object("
+        "'traceparent', pg_catalog.current_setting('walsaga.traceparent', true), "
+        "'tracestate', NULLIF(pg_catalog.current_setting('walsaga.tracestate', true), ''), "
+        "'causation_id', NULLIF(pg_catalog.current_setting('walsaga.causation_id', true), ''))) "
+        "ELSE '{}'::pg_catalog.jsonb END"
     )
 
 

@@ -224,10 +224,12 @@ def test_the_trigger_writes_the_outbox_and_never_sets_created_at() -> None:
     assert "pg_catalog.jsonb_build_object('saga_id', NEW.\"id\"::pg_catalog.text)" in function
 
 
-def test_without_payload_the_whole_row_is_captured_and_headers_keep_their_default() -> None:
+def test_without_payload_the_whole_row_is_captured_and_headers_only_carry_the_trace() -> None:
     function = capture(entry(), "insert").function_sql()
     assert "pg_catalog.to_jsonb(NEW)" in function
-    assert "headers" not in function
+    headers = function[function.index("payload, headers)") :]
+    assert "current_setting('walsaga.traceparent', true)" in headers
+    assert "NEW." not in headers.split("'OrderCreated'")[1].split("THEN")[0]
 
 
 def test_when_becomes_the_trigger_when_clause() -> None:
@@ -301,8 +303,10 @@ def test_a_message_mode_trigger_emits_a_logical_message_and_never_touches_the_ou
         "            'type', 'OrderCreated',\n"
         "            'payload', pg_catalog.json_build_object("
         "'id', NEW.\"id\", 'total', NEW.\"total\"),\n"
-        "            'headers', '{}'::pg_catalog.json)::pg_catalog.text);"
+        "            'headers', CASE WHEN pg_catalog.current_setting('walsaga.traceparent', "
+        "true) > '' THEN"
     ) in function
+    assert "ELSE '{}'::pg_catalog.jsonb END)::pg_catalog.text);" in function
     # A NULL key is refused, as the outbox's NOT NULL refuses it.
     assert 'IF NEW."id" IS NULL THEN' in function
     assert "ERRCODE = 'not_null_violation'" in function
@@ -315,7 +319,7 @@ def test_a_message_mode_trigger_captures_the_right_row_and_its_headers() -> None
     assert 'IF OLD."id" IS NULL THEN' in deleted
     assert "NEW." not in deleted
     assert (
-        "'headers', pg_catalog.json_build_object('saga', OLD.\"customer_id\"::pg_catalog.text)"
+        "|| pg_catalog.jsonb_build_object('saga', OLD.\"customer_id\"::pg_catalog.text))"
         in deleted
     )
     assert "pg_catalog.to_json(NEW)" in capture(text, "insert").function_sql()

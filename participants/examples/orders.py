@@ -30,9 +30,10 @@ from psycopg.types.json import Jsonb
 from participants.handlers import HandlerContext, publish
 from participants.message import Message
 from participants.orchestrator import Orchestrator
-from participants.runtime import Participant
+from participants.runtime import Participant, set_trace
 from participants.saga import GIVE_UP_AFTER_S, Command, RetryPolicy, Saga, Step
 from walsaga.errors import BusinessError
+from walsaga.tracing import TraceContext
 
 Mode = Literal["choreography", "orchestration"]
 NOTIFY_CHANNEL = "walsaga_order"
@@ -106,9 +107,16 @@ def create_order(
     orchestrator: Orchestrator | None = None,
     webhook_url: str | None = None,
     order_id: str | None = None,
+    trace: TraceContext | None = None,
 ) -> str:
-    """Insert a PENDING order and start its saga, in the caller's transaction."""
+    """Insert a PENDING order and start its saga, in the caller's transaction.
+
+    With `trace` (the request's trace context, a span of the order service's
+    own), every event of the saga carries that trace.
+    """
     order_id = order_id or str(uuid.uuid4())
+    if trace is not None:
+        set_trace(conn, trace)
     conn.execute(
         "INSERT INTO orders (id, customer_id, total, status, webhook_url) "
         "VALUES (%s, %s, %s, 'PENDING', %s)",
@@ -119,7 +127,7 @@ def create_order(
         publish(conn, ORDER_TOPIC, order_id, "OrderCreated", data, {"saga_id": order_id})
     else:
         assert orchestrator is not None, "the orchestration variant needs its orchestrator"
-        orchestrator.start(conn, "create-order", order_id, data)
+        orchestrator.start(conn, "create-order", order_id, data, trace=trace)
     return order_id
 
 

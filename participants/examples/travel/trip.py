@@ -24,10 +24,11 @@ import psycopg
 from participants.examples.travel import car, flight, holds, hotel
 from participants.handlers import publish
 from participants.orchestrator import Orchestrator
-from participants.runtime import Participant
+from participants.runtime import Participant, set_trace
 from participants.saga import GIVE_UP_AFTER_S, Command, RetryPolicy, Saga, Step
 from walsaga import schema
 from walsaga.errors import BusinessError
+from walsaga.tracing import TraceContext
 
 EVENTS = "trip"
 NOTIFY_CHANNEL = "walsaga_trip"
@@ -287,17 +288,21 @@ def book_trip(
     saga: Saga | None = None,
     trip_id: str | None = None,
     hold_s: float = DEFAULT_HOLD_S,
+    trace: TraceContext | None = None,
 ) -> str:
     """Insert a PENDING trip and start its saga, in one transaction; returns the trip id.
 
     The transaction is the caller's when one is open on `conn` (then the trip
     exists only once the caller commits), else one of its own. `hold_s` is how
-    long each service holds what it sets aside before giving it back.
+    long each service holds what it sets aside before giving it back. With
+    `trace`, every event of the trip's saga carries that trace.
     """
     trip_id = trip_id or str(uuid.uuid4())
     runner = orchestrator or trip_orchestrator(saga or TRIP)
     definition = saga or next(iter(runner.definitions.values()))
     with conn.transaction():
+        if trace is not None:
+            set_trace(conn, trace)
         conn.execute(
             """
             INSERT INTO trips (id, traveller, flight_id, seats, hotel_id, check_in, check_out,
@@ -330,7 +335,7 @@ def book_trip(
             "cars": request.cars,
             "hold_s": hold_s,
         }
-        runner.start(conn, definition, trip_id, data)
+        runner.start(conn, definition, trip_id, data, trace=trace)
     return trip_id
 
 

@@ -1,4 +1,4 @@
--- walsaga saga component, version 2: what a saga waits on, and since when.
+-- walsaga saga component, version 2: what a saga waits on, since when, its trace.
 --
 -- A step whose command is unanswered is resent now and then, and given up
 -- only after a long time (minutes): these columns let operators and metrics
@@ -7,7 +7,11 @@
 -- heard from it) from one that ignores a single command.
 ALTER TABLE walsaga.saga
     ADD COLUMN waiting_on      text,         -- the topic of the command awaiting an answer
-    ADD COLUMN step_started_at timestamptz;  -- when that command was first sent
+    ADD COLUMN step_started_at timestamptz,  -- when that command was first sent
+    -- The trace context of the saga's latest hop (W3C traceparent, tracestate):
+    -- a command resent after a deadline continues it.
+    ADD COLUMN traceparent     text,
+    ADD COLUMN tracestate      text;
 
 -- RESOLVED: a person finished the saga by hand (`walsaga sagas resolve`).
 ALTER TABLE walsaga.saga DROP CONSTRAINT saga_status_check;
