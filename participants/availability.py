@@ -5,7 +5,9 @@ across many sagas (at least ``min_waiting``, each waiting longer than
 ``silence_s``) while nothing has been heard from it for ``silence_s``: a
 restart, a rebalance or an outage, not a business answer. Sagas waiting on it
 then keep waiting instead of giving up together, and resend at the longest
-interval (see :func:`participants.saga.on_timeout`).
+interval (see :func:`participants.saga.on_timeout`). It is *busy* when as
+many sagas wait that long while its answers keep coming: a backlog, which a
+resent copy of a command would only lengthen, so nothing is resent.
 
 The facts come from the orchestrator's own database (``walsaga.saga``'s
 ``waiting_on`` and ``step_started_at``, ``walsaga.saga_participant``'s last
@@ -43,6 +45,13 @@ def is_down(waiting: Waiting, *, min_waiting: int, silence_s: float) -> bool:
     return silent and waiting.overdue >= min_waiting
 
 
+def is_busy(waiting: Waiting, *, min_waiting: int, silence_s: float) -> bool:
+    """Whether the participant answers but has a backlog: many sagas have waited on it
+    longer than `silence_s` while its answers keep coming. Pure."""
+    answering = waiting.silent_s is not None and waiting.silent_s < silence_s
+    return answering and waiting.overdue >= min_waiting
+
+
 class Availability:
     """The orchestrator's view of its participants, refreshed from its database."""
 
@@ -60,6 +69,7 @@ class Availability:
         self.refresh_s = refresh_s
         self.note_every_s = note_every_s
         self.down: frozenset[str] = frozenset()
+        self.busy: frozenset[str] = frozenset()
         self.waiting: dict[str, Waiting] = {}
         self._refreshed = 0.0
         self._noted: dict[str, float] = {}
@@ -138,6 +148,11 @@ class Availability:
             w.topic
             for w in self.waiting.values()
             if is_down(w, min_waiting=self.min_waiting, silence_s=self.silence_s)
+        )
+        self.busy = frozenset(
+            w.topic
+            for w in self.waiting.values()
+            if is_busy(w, min_waiting=self.min_waiting, silence_s=self.silence_s)
         )
         if self._m_waiting is None:
             return

@@ -226,19 +226,21 @@ class Orchestrator:
             (limit,),
         ).fetchall()
         down = self.availability.refresh(conn) if rows else self.availability.down
+        busy = self.availability.busy
         traced = False
         for row in rows:
             state = _state(row)
             defn = self.definitions.get(state.definition)
             if defn is None:
                 continue
-            unavailable = state.waiting_on in down
+            conditions = {"unavailable": state.waiting_on in down,
+                          "busy": state.waiting_on in busy}  # fmt: skip
             parent = tracing.parse(state.traceparent, state.tracestate)
             if parent is None:
                 if traced:
                     set_trace(conn, None)
                     traced = False
-                self._advance(conn, defn, state, machine.on_timeout, unavailable=unavailable)
+                self._advance(conn, defn, state, machine.on_timeout, **conditions)
                 continue
             # A resend is a hop of the saga's trace: a span of its own.
             with tracing.span(f"{self.name} {state.definition} deadline", parent,
@@ -246,7 +248,7 @@ class Orchestrator:
                 set_trace(conn, hop)
                 traced = True
                 state = dataclasses.replace(state, traceparent=hop.traceparent)
-                self._advance(conn, defn, state, machine.on_timeout, unavailable=unavailable)
+                self._advance(conn, defn, state, machine.on_timeout, **conditions)
         if traced:
             set_trace(conn, None)
         return len(rows)

@@ -316,13 +316,21 @@ def on_reply(
 
 
 def on_timeout(
-    definition: Saga, state: SagaState, now: float, *, unavailable: bool = False
+    definition: Saga,
+    state: SagaState,
+    now: float,
+    *,
+    unavailable: bool = False,
+    busy: bool = False,
 ) -> tuple[SagaState, list[Effect]]:
     """The deadline passed: resend the command, or give up waiting for it.
 
     `unavailable` says the participant the saga waits on is known to be down
     (many sagas' commands to it unanswered, nothing heard from it for a
     while): the saga then never gives up, and resends at the longest interval.
+    `busy` says it answers, but has a backlog of this orchestrator's commands:
+    the command is in that backlog, so it is not resent (a copy would only
+    add to it); the saga waits the longest interval before looking again.
     """
     effects: list[Effect] = []
     if state.status in TERMINAL or state.deadline is None:
@@ -351,6 +359,11 @@ def on_timeout(
         and policy.max_attempts is not None
         and (state.attempt >= policy.max_attempts)
     )
+    if busy and not unavailable and waited < give_up_after and not out_of_sends:
+        effects.append(Log("WAITING", step.name, {"participant_busy": True,
+                                                  "waited_s": round(waited, 3)}))  # fmt: skip
+        longest = policy.resend_after(step.timeout_s, 1_000, _spread(state.id, step.name, now))
+        return dataclasses.replace(state, deadline=now + longest), effects
     if (waited < give_up_after and not out_of_sends) or unavailable:
         attempt = state.attempt + 1
         detail: dict[str, Any] = {"attempt": attempt, "compensation": compensating,

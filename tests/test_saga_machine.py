@@ -225,3 +225,29 @@ def test_definitions_reject_ambiguous_steps() -> None:
 def test_retry_backoff_grows_and_is_capped() -> None:
     policy = RetryPolicy(max_attempts=10, backoff_s=0.5, backoff_max_s=3)
     assert [policy.backoff(n) for n in range(1, 7)] == [0, 0.5, 1, 2, 3, 3]
+
+
+def test_a_busy_participant_gets_no_copies_of_commands_already_in_its_backlog() -> None:
+    defn = Saga("t", (remote("A"),), give_up_after_s=300)
+    state, _ = saga.start(defn, "s1", {"key": "k"}, now=0)
+    state, effects = saga.on_timeout(defn, state, now=10, busy=True)
+    assert sent(effects) == [] and logged(effects) == ["WAITING"]
+    assert state.attempt == 1 and 48 <= state.deadline - 10 <= 60  # type: ignore[operator]
+    # Busy is not down: the give-up clock runs on.
+    while state.status == saga.RUNNING:
+        state, effects = saga.on_timeout(defn, state, now=state.deadline, busy=True)  # type: ignore[arg-type]
+    assert "GAVE_UP" in logged(effects) and sent(effects) == ["UndoA"]
+
+
+def test_down_and_busy_are_told_apart_by_whether_answers_keep_coming() -> None:
+    from participants.availability import Waiting, is_busy, is_down
+
+    rule = {"min_waiting": 5, "silence_s": 15.0}
+    silent = Waiting("t", sagas=40, overdue=30, oldest_s=90, silent_s=60)
+    answering = Waiting("t", sagas=40, overdue=30, oldest_s=90, silent_s=0.5)
+    never = Waiting("t", sagas=40, overdue=30, oldest_s=90, silent_s=None)
+    few = Waiting("t", sagas=4, overdue=4, oldest_s=90, silent_s=60)
+    assert is_down(silent, **rule) and not is_busy(silent, **rule)  # type: ignore[arg-type]
+    assert is_busy(answering, **rule) and not is_down(answering, **rule)  # type: ignore[arg-type]
+    assert is_down(never, **rule)  # type: ignore[arg-type]
+    assert not is_down(few, **rule) and not is_busy(few, **rule)  # type: ignore[arg-type]
