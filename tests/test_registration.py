@@ -3,13 +3,19 @@ Postgres, relay and broker, with the identity provider and a real SMTP server.""
 
 from __future__ import annotations
 
+import random
+import threading
+import time
 import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
+
 from participants.examples.registration import identity, intake, saga
-from tests.registration_support import running_registration, submission
+from tests.registration_support import duplicating, running_registration, submission
 
 
 def test_intake_cleans_what_it_accepts_and_says_why_it_refuses() -> None:
@@ -125,3 +131,95 @@ def test_a_step_that_keeps_failing_compensates_after_its_retries_with_the_reason
         assert attempts[0][0] >= 3 and attempts[0][1] == "FAILED"
         assert site.provider.users() == [], "the user was deleted again"
         assert site.query("identity", "SELECT count(*) FROM provider_users") == [(0,)]
+
+
+@pytest.mark.slow
+def test_hundreds_of_registrations_under_faults_all_end_and_everyone_agrees(
+    tmp_path: Path, make_database: Any, broker: str
+) -> None:
+    """The provider fails (5xx before or after acting), times out and crashes after
+    creating; the effect workers are killed with kill -9 at random; every record
+    of the saga's topics is delivered twice."""
+    rng = random.Random(10)
+    with running_registration(
+        tmp_path, make_database, broker, provider_process=True, workers="processes"
+    ) as site:
+        taken = [f"taken{i}@example.com" for i in range(5)]
+        for address in taken:
+            httpx.post(
+                f"{site.provider.url}/users",
+                json={"email": address, "name": "x", "external_key": "preexisting"},
+                timeout=10,
+            ).raise_for_status()
+        site.provider.faults(
+            error_rate=0.05,
+            error_after_rate=0.05,
+            timeout_rate=0.05,
+            crash_rate=0.01,
+            hang_s=2.0,
+            max_request_s=3.0,
+        )
+        stop = threading.Event()
+
+        def kill_at_random() -> None:
+            while not stop.wait(rng.uniform(2.0, 5.0)):
+                worker = site.processes[rng.choice(sorted(site.processes))]
+                worker.kill()
+                worker.start()
+
+        killer = threading.Thread(target=kill_at_random, daemon=True)
+        expected: dict[str, str] = {}
+        refused_at_intake = 0
+        with duplicating(broker, list(saga.TOPICS)) as copies:
+            killer.start()
+            for i in range(300):
+                kind = i % 20
+                if kind == 0:
+                    _, verdict = site.submit(submission(i, email=f"user{i}@nowhere"))
+                    assert not verdict.accepted
+                    refused_at_intake += 1
+                    continue
+                if kind == 1:
+                    registration_id, _ = site.submit(submission(i, email=taken[i % 5]))
+                    expected[registration_id] = "registered already"
+                elif kind == 2:
+                    registration_id, _ = site.submit(submission(i, email=f"u{i}@bounce.example"))
+                    expected[registration_id] = "no such mailbox"
+                else:
+                    registration_id, _ = site.submit(submission(i))
+                    expected[registration_id] = "REGISTERED"
+                time.sleep(0.02)
+            statuses = site.wait_ended(list(expected), timeout_s=900)
+            stop.set()
+            killer.join(30)
+        kills = sum(p.kills for p in site.processes.values())
+        assert kills >= 3 and site.provider.crashes >= 1, (kills, site.provider.crashes)
+        assert sum(copies.values()) >= 4 * len(expected)
+        for registration_id, outcome in expected.items():
+            status = statuses[registration_id]
+            if outcome == "REGISTERED":
+                assert status["status"] == "REGISTERED", status
+            else:
+                assert status["status"] == "REFUSED" and outcome in status["reason"], status
+        assert refused_at_intake == 15
+        site.assert_consistent(statuses)
+        assert len(site.mails()) == sum(1 for o in expected.values() if o == "REGISTERED")
+
+
+@pytest.mark.slow
+def test_a_provider_down_for_a_minute_delays_sagas_but_fails_none(
+    tmp_path: Path, make_database: Any, broker: str
+) -> None:
+    with running_registration(tmp_path, make_database, broker, provider_process=True) as site:
+        before = [site.submit(submission(i))[0] for i in range(3)]
+        assert {s["status"] for s in site.wait_ended(before).values()} == {"REGISTERED"}
+        site.provider.down()
+        during = [site.submit(submission(i))[0] for i in range(10, 30)]
+        time.sleep(60)
+        assert {s["status"] for s in site.statuses(during).values()} == {"PENDING"}
+        site.provider.up()
+        statuses = site.wait_ended(during, timeout_s=180)
+        assert {s["status"] for s in statuses.values()} == {"REGISTERED"}
+        site.assert_consistent({**site.statuses(before), **statuses})
+        attempts = site.query("identity", "SELECT max(attempts) FROM walsaga.effect")
+        assert attempts[0][0] >= 5, "the calls were retried while it was down"
