@@ -251,6 +251,7 @@ class EffectWorker:
             if decision is not CALL_NOW:
                 self._record(effect, decision, target)
                 return
+            self.metrics.calls.labels(target.name, decision.outcome).inc()
             in_doubt = False  # certainly not done: a call is safe
         lease_s = target.timeout_s + max(target.settle, self.lease_margin_s)
         sent = store.mark_sent(self._connection(), effect, worker=self.worker_id, lease_s=lease_s)
