@@ -139,6 +139,8 @@ def main() -> None:
         api = f"http://127.0.0.1:{ports['intake']}/registrations"
         archive = f"http://127.0.0.1:{ports['archive']}/messages"
 
+        ids: dict[str, str] = {}
+
         def post(i: int) -> float:
             sent = time.time()
             answer = httpx.post(
@@ -147,6 +149,7 @@ def main() -> None:
                 timeout=30,
             )
             answer.raise_for_status()
+            ids[f"bench{i}@example.com"] = answer.json()["id"]
             return sent
 
         print("warming up (consumer groups joining) ...")
@@ -184,6 +187,7 @@ def main() -> None:
                 f"p50 {statistics.median(latencies):.0f} ms, p99 {p99:.0f} ms, "
                 f"max {latencies[-1]:.0f} ms"
             )
+        _breakdown(dsns, {ids[a]: submitted[a] for a in submitted}, received, ids)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
@@ -196,6 +200,60 @@ def main() -> None:
         broker.stop()
         cluster.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _breakdown(
+    dsns: dict[str, str],
+    submitted: dict[str, float],
+    received: dict[str, float],
+    ids: dict[str, str],
+) -> None:
+    """Where the time went, stage by stage (medians, ms)."""
+    import psycopg
+
+    def times(service: str, sql: str) -> dict[str, float]:
+        with psycopg.connect(dsns[service]) as conn:
+            return {k: float(t) for k, t in conn.execute(sql).fetchall()}
+
+    started = times("intake", "SELECT id, extract(epoch FROM created_at) FROM walsaga.saga")
+    created = times(
+        "identity",
+        "SELECT payload->>'registration_id', extract(epoch FROM "
+        "created_at) FROM walsaga.effect WHERE target = 'create_user'",
+    )
+    user_done = times(
+        "identity",
+        "SELECT payload->>'registration_id', extract(epoch FROM "
+        "ended_at) FROM walsaga.effect WHERE target = 'create_user'",
+    )
+    replied = times(
+        "intake",
+        "SELECT saga_id, extract(epoch FROM min(at)) FROM walsaga.saga_log "
+        "WHERE kind = 'REPLY' AND step = 'create-user' GROUP BY saga_id",
+    )
+    asked = times(
+        "notifier",
+        "SELECT payload->>'registration_id', extract(epoch FROM created_at) FROM walsaga.effect",
+    )
+    sent = times(
+        "notifier",
+        "SELECT payload->>'registration_id', extract(epoch FROM ended_at) FROM walsaga.effect",
+    )
+    mailed = {ids[a]: t for a, t in received.items() if a in ids}
+    stages = [
+        ("submitted -> saga started (intake)", submitted, started),
+        ("-> CreateUser handled, effect requested (relay, identity)", started, created),
+        ("-> user created at the provider (identity's effect worker)", created, user_done),
+        ("-> UserCreated taken by the saga (relay, intake)", user_done, replied),
+        ("-> SendWelcome handled, effect requested (relay, notifier)", replied, asked),
+        ("-> e-mail sent (notifier's effect worker)", asked, sent),
+        ("-> e-mail in the mailbox", sent, mailed),
+    ]
+    print("where the time went (median ms):")
+    for label, before, after in stages:
+        gaps = [(after[k] - before[k]) * 1000 for k in submitted if k in before and k in after]
+        if gaps:
+            print(f"  {label}: {statistics.median(gaps):.0f}")
 
 
 def _received(archive: str) -> dict[str, float]:

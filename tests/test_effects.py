@@ -421,7 +421,7 @@ def test_workers_share_the_queue_and_a_dead_workers_call_is_resolved(
         sent = store.mark_sent(conn, leased, worker="dead", lease_s=0.5)
         assert sent is not None
     provider.users.create(sent.payload["email"], sent.payload["name"], sent.key)
-    with Workers(effects_db, [create_user(provider.url)], count=3) as workers:
+    with Workers(effects_db, [create_user(provider.url)], count=3, concurrency=2) as workers:
         found = wait_ended(effects_db, 60, timeout_s=120)
         assert {v[0] for v in found.values()} == {"DONE"}
         per_worker = [
