@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -23,6 +24,25 @@ from participants.timeline import Entry, Line
 from participants.tracker_config import OrchestratorConfig, TrackerConfig
 from participants.tracker_store import SagaFilter, SagaSummary
 from walsaga.errors import ConfigError, WalsagaError, from_psycopg
+
+
+def when(at: datetime | None) -> str:
+    """A time for people: UTC, to the second."""
+    if at is None:
+        return "-"
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def took(seconds: float) -> str:
+    """A duration for people: 0.42s, 3m07s, 2h05m."""
+    if seconds < 10:
+        return f"{seconds:.2f}s"
+    if seconds < 3600:
+        minutes, rest = divmod(int(seconds), 60)
+        return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
+    hours, rest = divmod(int(seconds) // 60, 60)
+    return f"{hours}h{rest:02d}m"
+
 
 Connect = Callable[[], AbstractContextManager[psycopg.Connection[Any]]]
 

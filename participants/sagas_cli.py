@@ -13,7 +13,7 @@ import click
 import orjson
 
 from participants.cli import run_until_signalled
-from participants.operations import Operations, SagaView
+from participants.operations import Operations, SagaView, took, when
 from participants.repair import Repaired
 from participants.timeline import Line, as_json
 from participants.tracker_config import TrackerConfig, load_tracker_config
@@ -72,22 +72,6 @@ def sagas() -> None:
 
 def _json(value: Any) -> None:
     click.echo(orjson.dumps(value, option=orjson.OPT_INDENT_2, default=str).decode())
-
-
-def when(at: datetime | None) -> str:
-    if at is None:
-        return "-"
-    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def took(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.2f}s"
-    if seconds < 3600:
-        minutes, rest = divmod(int(seconds), 60)
-        return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
-    hours, rest = divmod(int(seconds) // 60, 60)
-    return f"{hours}h{rest:02d}m"
 
 
 @sagas.command("list")

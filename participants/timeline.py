@@ -300,7 +300,9 @@ def _targets(entries: Sequence[Entry], orchestrator_lane: str | None) -> dict[st
 
     A record naming it as its ``causation_id`` says so; else, in an
     orchestrated saga, whatever another service sends answers the
-    orchestrator; else it is the next service heard from.
+    orchestrator, and what the orchestrator sends other than commands (an
+    announcement) goes to nobody in particular; else it is the next service
+    heard from.
     """
     caused_by: dict[str, str] = {}
     for entry in entries:
@@ -311,8 +313,12 @@ def _targets(entries: Sequence[Entry], orchestrator_lane: str | None) -> dict[st
     for i, entry in enumerate(entries):
         lane = entry.source or entry.topic
         target = caused_by.get(entry.event_id)
-        if target is None and orchestrator_lane and lane != orchestrator_lane:
-            target = orchestrator_lane
+        if target is None and orchestrator_lane:
+            if lane != orchestrator_lane:
+                target = orchestrator_lane
+            elif entry.kind == EVENT:
+                found[entry.event_id] = None
+                continue
         if target is None:
             target = next(
                 ((e.source or e.topic) for e in entries[i + 1 :] if (e.source or e.topic) != lane),

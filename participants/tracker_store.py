@@ -178,10 +178,10 @@ def mirror(
     if not rows:
         return []
     before = {
-        saga_id: (status, ended_at, orch)
-        for saga_id, status, ended_at, orch in conn.execute(
-            "SELECT id, status, ended_at, orchestrator FROM walsaga.tracked_saga "
-            "WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+        row[0]: row[1:]
+        for row in conn.execute(
+            "SELECT id, orchestrator, status, reason, step, waiting_on, ended_at "
+            "FROM walsaga.tracked_saga WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
             ([r.id for r in rows],),
         )
     }
@@ -189,21 +189,17 @@ def mirror(
     changes = []
     for r in rows:
         earlier = before.get(r.id)
-        if (
-            earlier is not None
-            and earlier[2] == orchestrator
-            and earlier[0] == r.status
-            and (earlier[1] == r.ended_at)
-        ):
+        if earlier == (orchestrator, r.status, r.reason, r.step, r.waiting_on, r.ended_at):
             continue  # nothing new (read again within the overlap)
         limit = deadline_s(r.definition)
         params.append(
             (r.id, r.definition, orchestrator, r.status, r.reason, r.step, r.waiting_on,
              r.created_at, r.updated_at, r.ended_at, limit, r.created_at, limit)
         )  # fmt: skip
-        ended = r.ended_at is not None and (
-            earlier is None or earlier[1] is None or earlier[0] != r.status
-        )
+        was_ended = earlier is not None and earlier[5] is not None
+        status_before = earlier[1] if earlier is not None else None
+        # Ended now, or ended otherwise than before (FAILED, then RESOLVED).
+        ended = r.ended_at is not None and (not was_ended or status_before != r.status)
         changes.append(Change(r.id, r.definition, r.status, earlier is None, ended,
                               _seconds(r.created_at, r.ended_at)))  # fmt: skip
     if params:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Prepare this machine for walsaga: Postgres with wal2json, a virtualenv with
-# the project and its development tools. Safe to run again; does only what is
-# missing. Used by `make demo`, `make test` and CI.
+# Prepare this machine for walsaga: Postgres with wal2json, Chromium for the
+# console's tests, a virtualenv with the project and its development tools.
+# Safe to run again; does only what is missing. Used by `make demo`,
+# `make test` and CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +41,12 @@ pg_major=$(basename "$(dirname "$bindir")")
 pkglibdir=/usr/lib/postgresql/$pg_major/lib
 if [ ! -f "$pkglibdir/wal2json.so" ]; then
     apt_install "postgresql-$pg_major-wal2json"
+fi
+
+# The console's tests drive Debian's chromium through Playwright, which
+# launches it as it is (it downloads no browser of its own).
+if [ ! -x /usr/bin/chromium ]; then
+    apt_install chromium chromium-driver
 fi
 
 stamp="$VENV/.walsaga-installed"

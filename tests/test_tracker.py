@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,16 @@ from participants.timeline import (
 )
 from participants.tracker_store import SagaFilter, parse_age
 from tests.shop import TOPICS, running_shop
-from tests.support import RelayProcess, consume, wait_until
+from tests.support import consume, wait_until
 from tests.tracker_support import (
     ORDER_SAGA,
     Vault,
     running_tracker,
+    running_vault,
     sagas_cli,
     tracked,
     tracker_toml,
+    vault_config,
 )
 
 # -- the pure part ----------------------------------------------------------------
@@ -260,37 +263,12 @@ def test_a_choreography_whose_reply_never_comes_is_stuck_after_its_deadline(
 # -- orchestration and repairs -----------------------------------------------------------
 
 
-def vault_setup(tmp_path: Path, make_database: Any, broker: str) -> tuple[Vault, RelayProcess]:
-    name = f"vault{uuid.uuid4().hex[:6]}"
-    vault = Vault(name, make_database("vault"), make_database("sagas"), broker)
-    vault.start()
-    sources = {"vault": vault.vault_dsn, "sagas": vault.saga_dsn}
-    relay = RelayProcess.start(tmp_path, bootstrap=broker, sources=sources)
-    relay.wait_streaming("vault")
-    relay.wait_streaming("sagas")
-    return vault, relay
-
-
 @pytest.fixture
-def vault(tmp_path: Path, make_database: Any, broker: str, monkeypatch: pytest.MonkeyPatch) -> Any:
-    vault, relay = vault_setup(tmp_path, make_database, broker)
-    monkeypatch.setenv("WALSAGA_TEST_VAULT", vault.name)
-    try:
-        yield vault
-    finally:
-        vault.close()
-        relay.kill()
-
-
-def vault_config(tmp_path: Path, make_database: Any, broker: str, vault: Vault) -> Path:
-    return tracker_toml(
-        tmp_path / "tracker.toml",
-        dsn=make_database("tracker"),
-        broker=broker,
-        topics=vault.topics,
-        sagas=[{"type": "vault", "deadline_s": 120}],
-        orchestrators=[vault.orchestrator_config()],
-    )
+def vault(
+    tmp_path: Path, make_database: Any, broker: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Vault]:
+    with running_vault(tmp_path, make_database, broker, monkeypatch) as found:
+        yield found
 
 
 def test_a_failed_compensation_is_retried_once_the_fault_is_gone(

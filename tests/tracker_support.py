@@ -24,14 +24,15 @@ import psycopg
 from participants.handlers import HandlerContext
 from participants.message import Message
 from participants.orchestrator import Orchestrator
-from participants.runtime import Participant
+from participants.runtime import Participant, set_trace
 from participants.saga import Command, RetryPolicy, Saga, Step
 from participants.tracker import Tracker
 from participants.tracker_config import load_tracker_config
-from tests.support import WALSAGA, create_topics, wait_until
+from tests.support import WALSAGA, RelayProcess, create_topics, wait_until
 from walsaga import schema
 from walsaga.config import write_toml
 from walsaga.errors import BusinessError
+from walsaga.tracing import TraceContext
 
 #: The order example's saga type in a choreography, as a tracker config names it.
 ORDER_SAGA = {
@@ -170,6 +171,7 @@ class Vault:
     checks: dict[str, str] = field(default_factory=dict)
     participants: list[Participant] = field(default_factory=list)
     threads: list[threading.Thread] = field(default_factory=list)
+    relay: RelayProcess | None = None
 
     @property
     def topics(self) -> list[str]:
@@ -231,9 +233,11 @@ class Vault:
         index = self.participants.index(self.service)
         self.threads[index].join(30)
 
-    def begin(self, saga_id: str) -> None:
+    def begin(self, saga_id: str, *, trace: TraceContext | None = None) -> None:
         with psycopg.connect(self.saga_dsn) as conn:
-            self.orchestrator.start(conn, "vault", saga_id, {"id": saga_id})
+            if trace is not None:
+                set_trace(conn, trace)
+            self.orchestrator.start(conn, "vault", saga_id, {"id": saga_id}, trace=trace)
 
     def status(self, saga_id: str) -> str | None:
         with psycopg.connect(self.saga_dsn) as conn:
@@ -265,3 +269,94 @@ class Vault:
             p.stop()
         for t in self.threads:
             t.join(30)
+
+
+@contextmanager
+def running_vault(
+    tmp_path: Path, make_database: Any, broker: str, monkeypatch: Any
+) -> Iterator[Vault]:
+    """The vault and a relay of its two databases; its saga definition importable."""
+    name = f"vault{uuid.uuid4().hex[:6]}"
+    vault = Vault(name, make_database("vault"), make_database("sagas"), broker)
+    vault.start()
+    sources = {"vault": vault.vault_dsn, "sagas": vault.saga_dsn}
+    relay = RelayProcess.start(tmp_path, bootstrap=broker, sources=sources)
+    monkeypatch.setenv("WALSAGA_TEST_VAULT", vault.name)
+    vault.relay = relay
+    try:
+        relay.wait_streaming("vault")
+        relay.wait_streaming("sagas")
+        yield vault
+    finally:
+        vault.close()
+        relay.kill()
+
+
+def vault_config(
+    tmp_path: Path, make_database: Any, broker: str, vault: Vault, **more: Any
+) -> Path:
+    """A tracker.toml following the vault's topics, its orchestrator configured."""
+    return tracker_toml(
+        tmp_path / "tracker.toml",
+        dsn=make_database("tracker"),
+        broker=broker,
+        topics=vault.topics,
+        sagas=[{"type": "vault", "deadline_s": 120}],
+        orchestrators=[vault.orchestrator_config()],
+        **more,
+    )
+
+
+@dataclass
+class ConsoleProcess:
+    """`walsaga console` in a subprocess; its URL read from what it prints."""
+
+    config: Path
+    log: Path
+    token: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+
+    def start(self) -> ConsoleProcess:
+        args = [WALSAGA, "console", "--config", str(self.config), "--port", "0"]
+        env = dict(os.environ)
+        if self.token is not None:
+            env["TEST_OPERATOR_TOKEN"] = self.token
+            args += ["--operator-token-env", "TEST_OPERATOR_TOKEN"]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
+        found = wait_until(
+            lambda: self._url() or (self.proc is not None and self.proc.poll() is not None),
+            timeout_s=60,
+            what="the console's URL",
+        )
+        assert isinstance(found, str), f"the console exited:\n{self.read_log()}"
+        self.url = found.rstrip("/")
+        wait_until(self._healthy, timeout_s=30, what="the console healthy")
+        return self
+
+    def _url(self) -> str | None:
+        for line in self.read_log().splitlines():
+            if line.startswith("walsaga console: http://"):
+                return line.split()[2]
+        return None
+
+    def _healthy(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def read_log(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
