@@ -3,6 +3,7 @@ the queue's depth and the age of its oldest live request."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -15,6 +16,7 @@ class EffectMetrics:
     registry: CollectorRegistry = field(default_factory=new_registry)
 
     def __post_init__(self) -> None:
+        self._gauged: set[tuple[str, str]] = set()
         r = self.registry
         self.calls = Counter(
             "walsaga_effect_calls",
@@ -48,3 +50,18 @@ class EffectMetrics:
             ["target"],
             registry=r,
         )
+
+    def refresh(self, rows: Iterable[tuple[str, str, int, float]], targets: Iterable[str]) -> None:
+        """The queue gauges from (target, status, count, oldest age) rows; a
+        status no longer seen drops to 0."""
+        seen: set[tuple[str, str]] = set()
+        oldest: dict[str, float] = {}
+        for target, status, count, age in rows:
+            self.queued.labels(target, status).set(count)
+            seen.add((target, status))
+            oldest[target] = max(oldest.get(target, 0.0), age)
+        for target, status in self._gauged - seen:
+            self.queued.labels(target, status).set(0)
+        self._gauged |= seen
+        for name in targets:
+            self.oldest.labels(name).set(oldest.get(name, 0.0))

@@ -49,11 +49,10 @@ from participants.effects.model import (
     CallResult,
     Effect,
     InDoubt,
-    Refused,
     Resolution,
     Target,
 )
-from participants.handlers import publish
+from participants.effects.recording import write_outcome
 from walsaga.errors import SetupError, from_psycopg
 from walsaga.retry import BackoffPolicy
 
@@ -99,7 +98,6 @@ class EffectWorker:
         self._wake = threading.Event()
         self._local = threading.local()
         self._connect_backoff = BackoffPolicy(min_s=0.2, max_s=5.0)
-        self._gauged: set[tuple[str, str]] = set()
         # Long enough for a lookup or a call (each within its timeout) to end
         # before the lease does.
         self._lease_s = max(t.timeout_s for t in self.targets.values()) * 2 + lease_margin_s
@@ -288,7 +286,7 @@ class EffectWorker:
                 with conn.transaction():
                     recorded = store.record(conn, effect, decision, worker=self.worker_id)
                     if recorded and decision.ended:
-                        self._outcome(conn, effect, decision, target)
+                        write_outcome(conn, effect, decision, target)
                 commit.committed(conn)
             except psycopg.Error as e:
                 commit.rolled_back(conn)
@@ -305,31 +303,6 @@ class EffectWorker:
             if recorded:
                 self._announce(effect, decision, target)
             return
-
-    def _outcome(
-        self, conn: psycopg.Connection[Any], effect: Effect, decision: Decision, target: Target
-    ) -> None:
-        """The target's writes and the outcome event, in the recording transaction."""
-        headers = {**effect.headers, "effect_key": effect.key}
-        if decision.status == DONE:
-            if target.on_done is not None:
-                target.on_done(conn, effect, decision.result)
-            if target.done_event and target.topic:
-                body = {**effect.payload, "result": decision.result}
-                publish(conn, target.topic, effect.aggregate_id, target.done_event, body, headers)
-            return
-        refusal = Refused(decision.reason or decision.status, decision.code or decision.status)
-        if target.on_failed is not None:
-            target.on_failed(conn, effect, refusal)
-        if target.failed_event and target.topic:
-            body = {
-                **effect.payload,
-                "reason": refusal.reason,
-                "code": refusal.code,
-                "refused": decision.status != "FAILED",
-                "attempts": effect.attempts,
-            }
-            publish(conn, target.topic, effect.aggregate_id, target.failed_event, body, headers)
 
     def _announce(self, effect: Effect, decision: Decision, target: Target) -> None:
         if decision.status in ENDED:
@@ -364,17 +337,7 @@ class EffectWorker:
         except psycopg.Error as e:
             self.log.info("cannot read the queue", error=str(e))
             return
-        seen: set[tuple[str, str]] = set()
-        oldest: dict[str, float] = {}
-        for target, status, count, age in rows:
-            self.metrics.queued.labels(target, status).set(count)
-            seen.add((target, status))
-            oldest[target] = max(oldest.get(target, 0.0), age)
-        for target, status in self._gauged - seen:
-            self.metrics.queued.labels(target, status).set(0)
-        self._gauged |= seen
-        for name in self.targets:
-            self.metrics.oldest.labels(name).set(oldest.get(name, 0.0))
+        self.metrics.refresh(rows, self.targets)
 
     def _trim(self) -> None:
         try:
