@@ -52,8 +52,10 @@ from walsaga.logs import kafka_logger
     "--with",
     "components",
     multiple=True,
-    type=click.Choice(["saga"]),
-    help="Also install an optional component: saga (saga state, semantic locks, reservations).",
+    type=click.Choice(["saga", "effects", "tracker"]),
+    help="Also install an optional component: saga (saga state, semantic locks, "
+    "reservations), effects (requests for calls outside the database), tracker (a saga "
+    "tracker's timelines). Repeatable.",
 )
 @click.option(
     "--slot",
