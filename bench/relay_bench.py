@@ -18,7 +18,13 @@ embedded broker:
 3. memory: the relay's peak RSS (VmHWM) over the phases above, and then over
    one transaction of --big-txn events (0 skips it).
 
-    .venv/bin/python bench/relay_bench.py [--events 200000] [--rate 5000] [--seconds 20]
+    .venv/bin/python bench/relay_bench.py [--events 200000] [--rate 5000] [--seconds 20] [--presets]
+
+With ``--presets``, the same WAL is relayed again with each interoperability
+preset (``cloudevents = "binary"``, ``compat = "debezium"``), each on a slot of
+its own, and their throughput and CPU per event are printed beside the
+default's. CPU per event is the relay process's user plus system time over the
+throughput phase, divided by the events.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ import psycopg
 from participants.examples.embedded import EmbeddedBroker, LocalPostgres, free_port, postgres_bindir
 from relay.wal2json import PLUGIN_OPTIONS
 from walsaga import schema
+from walsaga.config import write_toml
+
+#: Relay runs over the same WAL besides the default: the interoperability presets.
+PRESETS = {"cloudevents": {"cloudevents": "binary"}, "debezium": {"compat": "debezium"}}
 
 
 def slot_active_at(conn: psycopg.Connection, slot: str, timeout_s: float = 60) -> float:
@@ -78,23 +88,28 @@ def generate(dsn: str, events: int, txn_size: int) -> str:
         return str(row[0])
 
 
-def relay_config(path: Path, dsn: str, slot: str, bootstrap: str, http_port: int) -> None:
-    path.write_text(
-        f"""
-[kafka]
-"bootstrap.servers" = "{bootstrap}"
-
-[relay]
-http_port = {http_port}
-http_host = "127.0.0.1"
-log_level = "warning"
-
-[[source]]
-name = "bench"
-dsn = "{dsn}"
-slot = "{slot}"
-"""
+def relay_config(
+    path: Path, dsn: str, slot: str, bootstrap: str, http_port: int, **relay: object
+) -> None:
+    write_toml(
+        path,
+        {
+            "kafka": {"bootstrap.servers": bootstrap},
+            "relay": {
+                "http_port": http_port,
+                "http_host": "127.0.0.1",
+                "log_level": "warning",
+                **relay,
+            },
+            "source": [{"name": "bench", "dsn": dsn, "slot": slot}],
+        },
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_relay(config: Path) -> subprocess.Popen[bytes]:
@@ -138,6 +153,11 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=4, help="pgbench clients in the latency phase")
     ap.add_argument("--events-per-txn", type=int, default=1, help="in the latency phase")
     ap.add_argument("--big-txn", type=int, default=1_000_000, help="events in one transaction")
+    ap.add_argument(
+        "--presets",
+        action="store_true",
+        help="also relay the same WAL with each interoperability preset (cloudevents, debezium)",
+    )
     args = ap.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="walsaga-bench-relay-"))
@@ -152,7 +172,8 @@ def main() -> None:
         with psycopg.connect(dsn) as conn:
             schema.apply(conn, "core")
         admin = psycopg.connect(dsn, autocommit=True)
-        for slot in ("bench_relay", "bench_recv"):
+        presets = list(PRESETS) if args.presets else []
+        for slot in ("bench_relay", "bench_recv", *(f"bench_{p}" for p in presets)):
             admin.execute("SELECT pg_create_logical_replication_slot(%s, 'wal2json')", (slot,))
 
         print(f"writing {args.events} outbox events in transactions of {args.txn_size} ...")
@@ -177,12 +198,36 @@ def main() -> None:
         relay_config(config, dsn, "bench_relay", broker.bootstrap_servers, http_port)
         relay = start_relay(config)
         t_active = slot_active_at(admin, "bench_relay")
+        cpu_start = cpu_seconds(relay.pid)
         while not confirmed_past(admin, "bench_relay", end_lsn):
             time.sleep(0.002)
         relay_s = time.monotonic() - t_active
+        relay_cpu_us = (cpu_seconds(relay.pid) - cpu_start) / args.events * 1e6
         relay_rate = args.events / relay_s
         published = metric(http_port, "walsaga_relay_events_published")
         assert published == args.events, f"the relay published {published} events"
+
+        # The presets, each a relay of its own over the same WAL, one after the other.
+        preset_figures = {}
+        for name in presets:
+            port = free_port()
+            path = base / f"relay-{name}.toml"
+            relay_config(path, dsn, f"bench_{name}", broker.bootstrap_servers, port,
+                         **PRESETS[name])  # fmt: skip
+            other = start_relay(path)
+            try:
+                active = slot_active_at(admin, f"bench_{name}")
+                cpu_at = cpu_seconds(other.pid)
+                while not confirmed_past(admin, f"bench_{name}", end_lsn):
+                    time.sleep(0.002)
+                took = time.monotonic() - active
+                preset_figures[name] = (
+                    args.events / took,
+                    (cpu_seconds(other.pid) - cpu_at) / args.events * 1e6,
+                )
+            finally:
+                other.terminate()
+                other.wait(30)
 
         # Latency at a steady rate through pgbench.
         script = base / "publish.sql"
@@ -242,6 +287,10 @@ def main() -> None:
         print(f"{'pg_recvlogical to file (events/s)':38}{recv_rate:14,.0f}")
         print(f"{'relay to Kafka, acked (events/s)':38}{relay_rate:14,.0f}")
         print(f"{'relay / pg_recvlogical':38}{relay_rate / recv_rate:14.2f}{'>= 0.90':>14}")
+        print(f"{'relay CPU per event (us)':38}{relay_cpu_us:14.2f}{'<= 5':>14}")
+        for name, (rate, cpu_us) in preset_figures.items():
+            print(f"{'  with ' + name + ' (events/s)':38}{rate:14,.0f}")
+            print(f"{'  with ' + name + ' CPU per event (us)':38}{cpu_us:14.2f}")
         print(f"latency phase: {args.rate:,} events/s asked of {generator}")
         print(f"{'  events/s published':38}{latency_events / args.seconds:14,.0f}")
         print(f"{'  commit-to-ack p50 (ms)':38}{lat['p50']:14.2f}{'<= 5':>14}")
