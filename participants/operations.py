@@ -23,7 +23,7 @@ from participants.saga import Saga
 from participants.timeline import Entry, Line
 from participants.tracker_config import OrchestratorConfig, TrackerConfig
 from participants.tracker_store import SagaFilter, SagaSummary
-from walsaga.errors import ConfigError, WalsagaError, from_psycopg
+from walsaga.errors import ConfigError, SetupError, WalsagaError, from_psycopg
 
 
 def when(at: datetime | None) -> str:
@@ -193,15 +193,20 @@ class Operations:
 
     def show(self, saga_id: str) -> SagaView | None:
         """The saga `saga_id` from the tracker and its orchestrator; None if neither has it."""
+        summary, entries, untracked = None, [], None
         try:
             with self.connect() as conn:
                 tracker_store.check_schema(conn)
                 summary = tracker_store.summary(conn, saga_id)
                 entries = tracker_store.entries(conn, saga_id)
+        except SetupError as e:
+            untracked = e  # no tracker yet: what the orchestrators know still helps
         except psycopg.Error as e:
             raise from_psycopg(e, "tracker database") from e
         found = self._orchestrated(saga_id, summary)
         if summary is None and found is None and not entries:
+            if untracked is not None:
+                raise untracked
             return None
         lane = found.orchestrator.lane if found is not None else None
         lines = timeline.timeline(entries, found.log if found else (), orchestrator_lane=lane)

@@ -23,7 +23,6 @@ duration, and gauges of stuck and FAILED sagas of either style.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -132,16 +131,22 @@ class TrackedRecord(Message):
 
 
 class TrackerParticipant(Participant):
-    """The participant runtime, taking records as :class:`TrackedRecord` s.
+    """The participant runtime, taking records as :class:`TrackedRecord` s, a transaction's
+    records recorded together.
 
     The runtime hands handlers a :class:`Message` without the record's
     timestamp: the batch's timestamps are noted as it is fetched, in the
-    thread that then handles it.
+    thread that then handles it. Each transaction of the runtime starts by
+    claiming its records in the inbox; the ones that were new are noted, and
+    the tracker's handler records all of them at its first call in that
+    transaction (one statement, one round trip), the later calls finding
+    nothing left. The transaction, the inbox and the retries stay the
+    runtime's: a transaction rolled back claims its records again.
     """
 
     def __init__(self, name: str, **settings: Any) -> None:
         super().__init__(name, **settings)
-        self._stamps = threading.local()
+        self._batch = threading.local()
 
     def _next_batch(self, consumer: Consumer) -> list[Any]:
         records: list[Any] = super()._next_batch(consumer)
@@ -150,11 +155,11 @@ class TrackerParticipant(Participant):
             kind, ms = record.timestamp()
             if kind != TIMESTAMP_NOT_AVAILABLE:
                 stamps[(record.topic(), record.partition(), record.offset())] = ms
-        self._stamps.found = stamps
+        self._batch.stamps = stamps
         return records
 
     def handle(self, messages: Sequence[Message]) -> bool:
-        stamps: dict[tuple[str, int, int], int] = getattr(self._stamps, "found", {})
+        stamps: dict[tuple[str, int, int], int] = getattr(self._batch, "stamps", {})
         tracked = [
             m
             if isinstance(m, TrackedRecord)
@@ -162,6 +167,23 @@ class TrackerParticipant(Participant):
             for m in messages
         ]
         return super().handle(tracked)
+
+    def _claim(self, conn: psycopg.Connection[Any], messages: Sequence[Message]) -> set[str]:
+        fresh = super()._claim(conn, messages)
+        seen: set[str] = set()
+        todo = []
+        for m in messages:
+            if m.dedupe_key in fresh and m.dedupe_key not in seen:
+                seen.add(m.dedupe_key)
+                todo.append(m)
+        self._batch.todo = todo
+        return fresh
+
+    def take_fresh(self) -> list[Message]:
+        """The records of this thread's transaction not recorded yet (then none)."""
+        todo: list[Message] = getattr(self._batch, "todo", [])
+        self._batch.todo = []
+        return todo
 
 
 class Tracker:
@@ -217,21 +239,31 @@ class Tracker:
     # -- records ---------------------------------------------------------------
 
     def _on_record(self, ctx: HandlerContext, message: Message) -> None:
-        at = message.at if isinstance(message, TrackedRecord) else datetime.now(UTC)
-        entry = entry_of(message, self.rules, at)
-        if entry is None:
-            ctx.after_commit(lambda: self.metrics.records.labels("uncorrelated").inc())
+        """Record every new record of the transaction (at its first one; see
+        :class:`TrackerParticipant`)."""
+        now = datetime.now(UTC)
+        entries = []
+        uncorrelated = 0
+        delays = []
+        for record in self.participant.take_fresh():
+            at = record.at if isinstance(record, TrackedRecord) else now
+            entry = entry_of(record, self.rules, at)
+            if entry is None:
+                uncorrelated += 1
+                continue
+            entries.append((entry, self.rules.deadline_s(entry.saga_type)))
+            delays.append(max(0.0, (now - at).total_seconds()))
+        if not entries and not uncorrelated:
             return
-        change = tracker_store.record(ctx.conn, entry, self.rules.deadline_s(entry.saga_type))
-        delay = max(0.0, time.time() - at.timestamp())
+        recorded, changes = tracker_store.record(ctx.conn, entries)
 
         def counted() -> None:
-            self.metrics.delay.observe(delay)
-            if change is None:
-                self.metrics.records.labels("repeat").inc()
-                return
-            self.metrics.records.labels("recorded").inc()
-            self.metrics.changed(change)
+            for delay in delays:
+                self.metrics.delay.observe(delay)
+            self.metrics.records.labels("recorded").inc(recorded)
+            self.metrics.records.labels("repeat").inc(len(entries) - recorded)
+            self.metrics.records.labels("uncorrelated").inc(uncorrelated)
+            self._counted(changes)
 
         ctx.after_commit(counted)
 

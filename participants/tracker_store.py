@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
@@ -29,25 +30,52 @@ STATUS_FILTERS = ("running", "compensating", "stuck", "failed", "completed", "co
                   "resolved")  # fmt: skip
 
 _RECORD = """
-WITH entry AS (
+WITH input AS (
+    SELECT * FROM jsonb_to_recordset(%(entries)s) AS x(
+        n int, saga_id text, event_id text, at timestamptz, type text, kind text, source text,
+        topic text, partition int, "offset" bigint, key text, lsn text, step text,
+        headers jsonb, payload jsonb, saga_type text, status text, ends boolean,
+        deadline_s double precision, trace_id text)
+), entry AS (
     INSERT INTO walsaga.saga_event AS e (saga_id, event_id, at, type, kind, source, topic,
                                          partition, "offset", key, lsn, step, headers, payload)
-    VALUES (%(saga_id)s, %(event_id)s, %(at)s, %(type)s, %(kind)s, %(source)s, %(topic)s,
-            %(partition)s, %(offset)s, %(key)s, %(lsn)s, %(step)s, %(headers)s, %(payload)s)
+    SELECT saga_id, event_id, at, type, kind, source, topic, partition, "offset", key, lsn,
+           step, headers, payload
+    FROM input ORDER BY n
     ON CONFLICT (saga_id, event_id) DO NOTHING
-    RETURNING e.saga_id
+    RETURNING e.saga_id, e.event_id
+), fresh AS (
+    SELECT DISTINCT ON (i.saga_id, i.event_id) i.*
+    FROM input i JOIN entry USING (saga_id, event_id)
+    ORDER BY i.saga_id, i.event_id, i.n
+), folded AS (
+    -- A batch's records of one saga, folded as one record would be (in time order).
+    SELECT saga_id,
+           (array_agg(saga_type ORDER BY at, n) FILTER (WHERE saga_type IS NOT NULL))[1]
+               AS saga_type,
+           coalesce((array_agg(deadline_s ORDER BY at, n)
+                     FILTER (WHERE saga_type IS NOT NULL))[1], min(deadline_s)) AS deadline_s,
+           min(at) AS started_at,
+           max(at) AS last_event_at,
+           (array_agg(type ORDER BY at DESC, n DESC))[1] AS last_type,
+           coalesce((array_agg(status ORDER BY at, n) FILTER (WHERE ends))[1],
+                    CASE WHEN bool_or(status = 'COMPENSATING') THEN 'COMPENSATING'
+                         ELSE 'RUNNING' END) AS status,
+           min(at) FILTER (WHERE ends) AS ended_at,
+           count(*) AS events,
+           (array_agg(trace_id ORDER BY at, n) FILTER (WHERE trace_id IS NOT NULL))[1]
+               AS trace_id
+    FROM fresh GROUP BY saga_id
 ), earlier AS (
-    SELECT s.ended_at FROM walsaga.tracked_saga s
-    WHERE s.id = %(saga_id)s AND EXISTS (SELECT FROM entry)
-    FOR UPDATE
+    SELECT s.id, s.ended_at FROM walsaga.tracked_saga s
+    WHERE s.id IN (SELECT saga_id FROM folded) ORDER BY s.id FOR UPDATE
 ), saga AS (
     INSERT INTO walsaga.tracked_saga AS s (id, saga_type, status, started_at, last_event_at,
                                            ended_at, deadline_s, deadline, events, last_type,
                                            trace_id)
-    SELECT %(saga_id)s, %(saga_type)s, %(status)s, %(at)s, %(at)s,
-           CASE WHEN %(ends)s THEN %(at)s::timestamptz END, %(deadline_s)s,
-           %(at)s + make_interval(secs => %(deadline_s)s), 1, %(type)s, %(trace_id)s
-    FROM entry
+    SELECT saga_id, saga_type, status, started_at, last_event_at, ended_at, deadline_s,
+           started_at + make_interval(secs => deadline_s), events, last_type, trace_id
+    FROM folded ORDER BY saga_id
     ON CONFLICT (id) DO UPDATE SET
         saga_type = coalesce(s.saga_type, EXCLUDED.saga_type),
         deadline_s = CASE WHEN s.saga_type IS NULL THEN EXCLUDED.deadline_s ELSE s.deadline_s END,
@@ -57,7 +85,7 @@ WITH entry AS (
         last_type = CASE WHEN EXCLUDED.last_event_at >= s.last_event_at
                          THEN EXCLUDED.last_type ELSE s.last_type END,
         last_event_at = greatest(s.last_event_at, EXCLUDED.last_event_at),
-        events = s.events + 1,
+        events = s.events + EXCLUDED.events,
         trace_id = coalesce(s.trace_id, EXCLUDED.trace_id),
         status = CASE
             WHEN s.orchestrator IS NOT NULL OR s.ended_at IS NOT NULL THEN s.status
@@ -67,17 +95,18 @@ WITH entry AS (
         ended_at = CASE WHEN s.orchestrator IS NOT NULL OR s.ended_at IS NOT NULL
                         THEN s.ended_at ELSE EXCLUDED.ended_at END,
         updated_at = now()
-    RETURNING s.status, s.saga_type, s.started_at, s.ended_at, (s.xmax = 0) AS inserted
+    RETURNING s.id, s.status, s.saga_type, s.started_at, s.ended_at, (s.xmax = 0) AS inserted
 )
-SELECT saga.status, saga.saga_type, saga.started_at, saga.ended_at, saga.inserted,
-       saga.ended_at IS NOT NULL AND (SELECT ended_at FROM earlier) IS NULL AS ended_now
-FROM saga
+SELECT saga.id, saga.status, saga.saga_type, saga.started_at, saga.ended_at, saga.inserted,
+       saga.ended_at IS NOT NULL AND earlier.ended_at IS NULL AS ended_now,
+       (SELECT count(*) FROM entry) AS recorded
+FROM saga LEFT JOIN earlier ON earlier.id = saga.id
 """
 
 
 @dataclass(frozen=True)
 class Change:
-    """What recording a record, or mirroring an orchestrator's row, did to a saga."""
+    """What recording records, or mirroring an orchestrator's row, did to a saga."""
 
     saga_id: str
     saga_type: str | None
@@ -87,38 +116,57 @@ class Change:
     duration_s: float | None  # from its start to its end, once ended
 
 
-def record(conn: psycopg.Connection[Any], entry: Entry, deadline_s: float) -> Change | None:
-    """Add `entry` to its saga's timeline and summary; None when it was there already."""
-    row = conn.execute(
-        _RECORD,
+def record(
+    conn: psycopg.Connection[Any], entries: Sequence[tuple[Entry, float]]
+) -> tuple[int, list[Change]]:
+    """Add `entries` (each with its saga type's deadline) to their sagas' timelines and
+    summaries, in one statement. Returns how many were new (the others were there
+    already) and what changed in each saga they touched."""
+    if not entries:
+        return 0, []
+    document = [
         {
-            "saga_id": entry.saga_id,
-            "event_id": entry.event_id,
-            "at": entry.at,
-            "type": entry.type,
-            "kind": entry.kind,
-            "source": entry.source,
-            "topic": entry.topic,
-            "partition": entry.partition,
-            "offset": entry.offset,
-            "key": entry.key,
-            "lsn": entry.lsn,
-            "step": entry.step,
-            "headers": Jsonb(dict(entry.headers)),
-            "payload": Jsonb(entry.payload),
-            "saga_type": entry.saga_type,
-            "status": entry.status,
-            "ends": entry.ends,
+            "n": n,
+            "saga_id": e.saga_id,
+            "event_id": e.event_id,
+            "at": e.at.isoformat(),
+            "type": e.type,
+            "kind": e.kind,
+            "source": e.source,
+            "topic": e.topic,
+            "partition": e.partition,
+            "offset": e.offset,
+            "key": e.key,
+            "lsn": e.lsn,
+            "step": e.step,
+            "headers": dict(e.headers),
+            "payload": e.payload,
+            "saga_type": e.saga_type,
+            "status": e.status,
+            "ends": e.ends,
             "deadline_s": deadline_s,
-            "trace_id": entry.trace_id,
-        },
-        prepare=True,
-    ).fetchone()
-    if row is None:
-        return None
-    status, saga_type, started_at, ended_at, inserted, ended_now = row
-    return Change(entry.saga_id, saga_type, status, bool(inserted), bool(ended_now),
-                  _seconds(started_at, ended_at))  # fmt: skip
+            "trace_id": e.trace_id,
+        }
+        for n, (e, deadline_s) in enumerate(entries)
+    ]
+    rows = conn.execute(_RECORD, {"entries": Jsonb(document, dumps=_dumps)}).fetchall()
+    recorded = int(rows[0][7]) if rows else 0
+    changes = [
+        Change(
+            saga_id,
+            saga_type,
+            status,
+            bool(inserted),
+            bool(ended_now),
+            _seconds(started_at, ended_at),
+        )
+        for saga_id, status, saga_type, started_at, ended_at, inserted, ended_now, _ in rows
+    ]
+    return recorded, changes
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
 
 
 def _seconds(start: datetime, end: datetime | None) -> float | None:
@@ -423,22 +471,49 @@ def list_sagas(conn: psycopg.Connection[Any], f: SagaFilter) -> list[SagaSummary
 
 
 def counts(conn: psycopg.Connection[Any], f: SagaFilter) -> dict[str, int]:
-    """How many sagas of each shown status match `f` (its status aside)."""
+    """How many sagas of each shown status match `f` (its status aside).
+
+    Two grouped counts an index answers: all sagas by status, and the live
+    ones past their deadline (few, from the partial index) by status.
+    """
     clauses, params = f.where(with_status=False)
-    columns = ", ".join(f"count(*) FILTER (WHERE {_STATUS_WHERE[s]})" for s in STATUS_FILTERS)
-    row = conn.execute(
-        f"SELECT {columns} FROM walsaga.tracked_saga WHERE {_and(clauses)}", params
-    ).fetchone()
-    assert row is not None
-    return dict(zip(STATUS_FILTERS, (int(n) for n in row), strict=True))
+    where = _and(clauses)
+    by_status = dict(
+        conn.execute(
+            f"SELECT status, count(*) FROM walsaga.tracked_saga WHERE {where} GROUP BY status",
+            params,
+        ).fetchall()
+    )
+    stuck = dict(
+        conn.execute(
+            f"SELECT status, count(*) FROM walsaga.tracked_saga WHERE {_and([*clauses, _STUCK])} "
+            "GROUP BY status",
+            params,
+        ).fetchall()
+    )
+    found = {name: int(by_status.get(name.upper(), 0)) for name in STATUS_FILTERS}
+    found["stuck"] = int(sum(stuck.values()))
+    for live in ("running", "compensating"):
+        found[live] -= int(stuck.get(live.upper(), 0))
+    return found
 
 
 def saga_types(conn: psycopg.Connection[Any]) -> list[str]:
+    """The saga types seen, one index probe per type."""
     return [
         r[0]
         for r in conn.execute(
-            "SELECT DISTINCT saga_type FROM walsaga.tracked_saga WHERE saga_type IS NOT NULL "
-            "ORDER BY 1"
+            """
+            WITH RECURSIVE t(saga_type) AS (
+                (SELECT saga_type FROM walsaga.tracked_saga WHERE saga_type IS NOT NULL
+                 ORDER BY saga_type LIMIT 1)
+                UNION ALL
+                SELECT (SELECT s.saga_type FROM walsaga.tracked_saga s
+                        WHERE s.saga_type > t.saga_type ORDER BY s.saga_type LIMIT 1)
+                FROM t WHERE t.saga_type IS NOT NULL
+            )
+            SELECT saga_type FROM t WHERE saga_type IS NOT NULL
+            """
         )
     ]
 

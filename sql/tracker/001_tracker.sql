@@ -25,7 +25,7 @@ CREATE TABLE walsaga.tracked_saga (
     last_type     text,
     trace_id      text,
     updated_at    timestamptz      NOT NULL DEFAULT now()
-);
+) WITH (fillfactor = 70);  -- room on each page: a saga's next record updates it in place (HOT)
 -- Live sagas by deadline: the stuck ones are a range scan.
 CREATE INDEX tracked_saga_live ON walsaga.tracked_saga (deadline) WHERE ended_at IS NULL;
 CREATE INDEX tracked_saga_started ON walsaga.tracked_saga (started_at DESC);
