@@ -295,3 +295,64 @@ def test_dead_lettered_events_are_listed_on_the_relay_page(
         shot(page, "07-dead-letters")
     finally:
         console.stop()
+
+
+def test_the_examples_compensated_trips_are_drawn_with_their_compensations(
+    tmp_path: Path, make_database: Any, broker: str, page: Any
+) -> None:
+    """What `walsaga demo --serve` shows: the examples' tracker config, every saga listed,
+    a compensated trip's compensations drawn across the four services."""
+    from datetime import timedelta
+
+    from participants.examples.operations import tracker_config
+    from participants.examples.travel import trip
+    from tests.travel_support import FIRST_NIGHT, running_travel
+
+    def request(**kw: Any) -> trip.TripRequest:
+        asked = {"traveller": "Ada", "flight_id": "TP100", "hotel_id": "H1",
+                 "check_in": FIRST_NIGHT, "check_out": FIRST_NIGHT + timedelta(days=2),
+                 "car_class": "LIS-compact", **kw}  # fmt: skip
+        return trip.TripRequest(**asked)
+
+    inventory = {"flights": {"TP100": 10}, "hotels": {"H1": 5},
+                 "car_classes": {"LIS-compact": 4, "LIS-van": 0}}  # fmt: skip
+    with running_travel(tmp_path, make_database, broker, **inventory) as site:
+        relay_url = f"http://127.0.0.1:{site.relay.http_port}/healthz"
+        config = tracker_config(tmp_path / "tracker.toml", tracker_dsn=make_database("tracker"),
+                                dsns=site.dsns, bootstrap_servers=broker,
+                                relay_urls=[relay_url], console_port=0)  # fmt: skip
+        with running_tracker(config) as tracker:
+            booked = site.book(request())
+            no_car = site.book(request(car_class="LIS-van"))
+            trips = site.wait_settled([booked, no_car])
+            assert trips[no_car].saga_status == "COMPENSATED"
+            dsn = tracker.config.tracker.dsn
+            wait_until(lambda: (tracked(dsn, booked) or {}).get("status") == "COMPLETED"
+                       and (tracked(dsn, no_car) or {}).get("status") == "COMPENSATED",
+                       timeout_s=60, what="the tracker to see both trips end")  # fmt: skip
+            console = ConsoleProcess(config, tmp_path / "console.log").start()
+            try:
+                page.goto(f"{console.url}/sagas?type=trip")
+                assert page.locator(f'tr[data-saga="{booked}"] .badge').inner_text() == "COMPLETED"
+                assert page.locator(f'tr[data-saga="{no_car}"] .badge').inner_text() == (
+                    "COMPENSATED")  # fmt: skip
+                shot(page, "08-trips")
+                page.goto(f"{console.url}/sagas/{no_car}")
+                svg = page.locator("svg.sequence")
+                lanes = svg.locator("g.lane").evaluate_all("els => els.map(e => e.dataset.lane)")
+                assert lanes[0] == "trip" and {"flight", "hotel", "car"} <= set(lanes)
+                drawn = svg.locator("g.message.compensation").evaluate_all(
+                    "els => els.map(e => e.dataset.type)"
+                )
+                assert {"ReleaseRooms", "ReleaseSeats", "RoomsReleased", "SeatsReleased"} <= set(
+                    drawn
+                ), drawn
+                assert svg.locator("g.note.compensation").count() >= 1  # compensating, compensated
+                shot(page, "09-compensated-trip")
+                page.goto(f"{console.url}/relay")
+                for source in site.dsns:
+                    row = page.locator(f'tr[data-source="{source}"] td.role')
+                    assert row.inner_text().startswith("active")
+                shot(page, "10-examples-relay")
+            finally:
+                console.stop()
