@@ -78,7 +78,7 @@ class RelayMetrics:
 
 
 class LatencyWindow:
-    """The most recent commit-to-ack latencies, for exact percentiles in /healthz."""
+    """The most recent latencies of one kind, for exact percentiles in /healthz."""
 
     def __init__(self, size: int = 20000) -> None:
         self._samples: deque[float] = deque(maxlen=size)
@@ -116,3 +116,32 @@ class SourceMetrics:
 
     def refused(self, reason: str, action: str) -> None:
         self._refused.labels(self.source, reason, action).inc()
+
+
+class HopStages:
+    """Where an event's time goes between its commit and Kafka's acknowledgement,
+    measured on the first event of each group: the walsender decoding and sending
+    it, the relay reading it, producing and the broker acknowledging it."""
+
+    STAGES = ("commit_to_sent", "sent_to_read", "read_to_ack", "commit_to_ack")
+
+    def __init__(self) -> None:
+        self.windows = {stage: LatencyWindow(5000) for stage in self.STAGES}
+
+    def add(self, commit: float, sent: float, read: float, acked: float) -> None:
+        windows = self.windows
+        windows["commit_to_sent"].add(sent - commit)
+        windows["sent_to_read"].add(read - sent)
+        windows["read_to_ack"].add(acked - read)
+        windows["commit_to_ack"].add(acked - commit)
+
+    def report(self) -> dict[str, dict[str, float | None]]:
+        """p50 and p99 of each stage, in milliseconds."""
+        found = {}
+        for stage, window in self.windows.items():
+            p50, p99 = window.percentiles(0.5, 0.99)
+            found[stage] = {
+                "p50": None if p50 is None else round(p50 * 1000, 3),
+                "p99": None if p99 is None else round(p99 * 1000, 3),
+            }
+        return found

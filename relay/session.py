@@ -32,7 +32,7 @@ from relay import delivery, outbox, protocol, slot
 from relay.config import OnRefused, RelaySettings, SourceConfig
 from relay.delivery import DEAD_LETTER_TOPIC, GAP_HEADER, Failure, Refused, SourceHaltedError
 from relay.feedback import Feedback
-from relay.metrics import LatencyWindow, SourceMetrics
+from relay.metrics import HopStages, LatencyWindow, SourceMetrics
 from relay.routing import Record, Router
 from relay.wal2json import HEARTBEAT_PREFIX, CommitTimes, format_lsn, parse_lsn
 from relay.window import AckWindow, Group
@@ -72,6 +72,7 @@ class SessionContext:
     metrics: SourceMetrics
     status: StreamStatus
     latencies: LatencyWindow
+    stages: HopStages
     log: Any
     #: Set when the relay should stop; checked every turn.
     stopping: Callable[[], bool]
@@ -127,9 +128,14 @@ class Session:
 
     def _retired(self, group: Group) -> None:
         if group.first_commit is not None:
-            latency = time.time() - self.commit_times.epoch(group.first_commit)
+            acked = time.time()
+            commit = self.commit_times.epoch(group.first_commit)
+            latency = acked - commit
             self.metrics.latency.observe(latency)
             self.ctx.latencies.add(latency, group.size)
+            if group.sent_clock:
+                sent = (group.sent_clock + protocol.PG_EPOCH_OFFSET_US) / 1e6
+                self.ctx.stages.add(commit, sent, group.read_at, acked)
         self.metrics.events.inc(group.size)
         self.metrics.bytes.inc(group.nbytes)
         self.published += group.size
@@ -234,6 +240,9 @@ class Session:
                 if g is not group:
                     group = g
                     ack = g.ack
+                    if not g.sent_clock:  # the group's first event: its hop's stages
+                        g.sent_clock = unpack_start(data, 1)[2]
+                        g.read_at = time.time()
                 g.nbytes += len(value) + len(key)
                 try:
                     produce(topic, value, key, headers=headers, on_delivery=ack,

@@ -29,7 +29,7 @@ from psycopg import pq, sql
 from relay import slot
 from relay.config import RelayConfig, SourceConfig
 from relay.delivery import SourceHaltedError
-from relay.metrics import LatencyWindow, RelayMetrics, SourceMetrics
+from relay.metrics import HopStages, LatencyWindow, RelayMetrics, SourceMetrics
 from relay.producer import SourceProducer
 from relay.session import Session, SessionContext, StreamStatus
 from relay.wal2json import PLUGIN_OPTIONS, format_lsn
@@ -69,6 +69,7 @@ class SourceStream:
         self.stop = stop
         self.status = StreamStatus()
         self.latencies = LatencyWindow()
+        self.stages = HopStages()
         self.log = log.bind(source=source.name, slot=source.slot_name)
         self.metrics = SourceMetrics(metrics, source.name)
         self.producer = SourceProducer(
@@ -81,6 +82,7 @@ class SourceStream:
             metrics=self.metrics,
             status=self.status,
             latencies=self.latencies,
+            stages=self.stages,
             log=self.log,
             stopping=stop.is_set,
             producer_broken=lambda: self.producer.broken,

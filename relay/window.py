@@ -27,7 +27,8 @@ from walsaga.errors import DeliveryError
 class Group:
     """Consecutive messages whose acknowledgements are counted together."""
 
-    __slots__ = ("_failed", "error", "failures", "first_commit", "lsn", "nbytes", "pending", "size")
+    __slots__ = ("_failed", "error", "failures", "first_commit", "lsn", "nbytes", "pending",
+                 "read_at", "sent_clock", "size")  # fmt: skip
 
     def __init__(
         self, lsn: int, first_commit: str | None = None, failed: list[Group] | None = None
@@ -44,6 +45,10 @@ class Group:
         #: Commit time of the group's first event, as wal2json prints it: parsed
         #: only when the group retires, not once per event.
         self.first_commit = first_commit
+        #: When the first event was read (epoch s), and when the server sent it
+        #: (its clock, microseconds since 2000): the stages of the hop.
+        self.read_at = 0.0
+        self.sent_clock = 0
 
     def ack(self, err: Any, msg: Any) -> None:
         """confluent-kafka delivery callback for every event of this group."""
