@@ -22,7 +22,8 @@ def run_until_signalled(participant: Participant, *, http: tuple[str, int] | Non
     """Run `participant` in the foreground until SIGTERM/SIGINT; return the exit status.
 
     The stop is bounded by the participant's ``shutdown_timeout_s`` (a second
-    signal: at once); see :mod:`walsaga.lifecycle`.
+    signal: at once); see :mod:`walsaga.lifecycle`. The last log line is
+    ``exited`` with the time the stop took, or the watchdog's.
     """
     shutdown = Shutdown(grace_s=participant.shutdown_timeout_s, name=participant.name)
     shutdown.on_stop(participant.stop)
@@ -35,6 +36,11 @@ def run_until_signalled(participant: Participant, *, http: tuple[str, int] | Non
             return ok, {"participant": participant.name, "consuming": ok}
 
         server, _ = serve_http(http[0], http[1], participant.metrics.registry, health)
+        # It takes up to half a second to stop (its poll interval): from the
+        # request on, while the consumer stops, not after.
+        shutdown.on_stop(
+            lambda: threading.Thread(target=server.shutdown, name="http-stop", daemon=True).start()
+        )
     failure: list[BaseException] = []
 
     def target() -> None:
@@ -49,15 +55,16 @@ def run_until_signalled(participant: Participant, *, http: tuple[str, int] | Non
     while worker.is_alive():
         worker.join(0.2)
     if server is not None:
-        server.shutdown()
-    shutdown.done()
+        server.shutdown()  # at once if it stopped already
+        server.server_close()
+    took_s = shutdown.done()
     if failure:
         error = failure[0]
         if isinstance(error, WalsagaError):
             click.echo(f"error: {error}", err=True)
             return EXIT_ERROR
         raise error
-    participant.log.info("exited", participant=participant.name)
+    participant.log.info("exited", shutdown_s=took_s)
     return 0
 
 

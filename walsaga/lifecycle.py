@@ -8,6 +8,11 @@ process is still there ``grace_s`` later (a client library blocked on a
 broker that went away, say), a watchdog logs what it was waiting for and
 exits at once. A second signal exits at once too.
 
+A process that serves its own signals (uvicorn) passes them to
+:meth:`Shutdown.handle` instead of calling :meth:`~Shutdown.install`. Each
+command ends with one last log line: its own "exited" line, with how long the
+stop took (:meth:`Shutdown.done`), or the watchdog's "did not stop within".
+
 Nothing is lost either way: what was not committed or confirmed is delivered
 again after the restart, and the inbox (participants) or the consumers'
 deduplication by event ``id`` (relay) absorbs the repeats.
@@ -50,11 +55,12 @@ class Shutdown:
 
     def install(self) -> Shutdown:
         """Handle SIGTERM and SIGINT in this process (call from the main thread)."""
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self.handle)
+        signal.signal(signal.SIGINT, self.handle)
         return self
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+    def handle(self, signum: int, frame: FrameType | None = None) -> None:
+        """A signal handler: the first signal requests the stop, a second one exits now."""
         self.signals += 1
         name = signal.Signals(signum).name
         if self.signals > 1:
@@ -77,9 +83,13 @@ class Shutdown:
         watchdog = threading.Thread(target=self._watch, name="walsaga-shutdown", daemon=True)
         watchdog.start()
 
-    def done(self) -> None:
-        """The process finished its stop: disarm the watchdog."""
+    def done(self) -> float:
+        """The process finished its stop: disarm the watchdog; return how long the stop
+        took in seconds (0 when none was requested: the process stopped on its own)."""
         self._done.set()
+        if self.requested_at is None:
+            return 0.0
+        return round(time.monotonic() - self.requested_at, 3)
 
     def _watch(self) -> None:
         if self._done.wait(self.grace_s):
@@ -101,8 +111,7 @@ class Shutdown:
 
 
 def _busy_threads() -> list[str]:
-    return sorted(
-        t.name
-        for t in threading.enumerate()
-        if t is not threading.current_thread() and not t.daemon and t.is_alive()
-    )
+    # Daemon threads too: a consumer's close abandoned in one is what a stop
+    # most often waits on.
+    current = threading.current_thread()
+    return sorted(t.name for t in threading.enumerate() if t is not current and t.is_alive())

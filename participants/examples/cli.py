@@ -55,6 +55,19 @@ _KAFKA_CONFIG = click.option(
 )
 
 
+_SHUTDOWN_TIMEOUT = click.option(
+    "--shutdown-timeout",
+    "shutdown_timeout_s",
+    type=click.FloatRange(min=0, min_open=True, max=300),
+    envvar="WALSAGA_SHUTDOWN_TIMEOUT_S",
+    default=5.0,
+    show_default=True,
+    help="The longest a stop after SIGTERM or SIGINT may take, in seconds; past it the "
+    "process exits anyway (what it did not commit is delivered again after the restart) "
+    "(env WALSAGA_SHUTDOWN_TIMEOUT_S).",
+)
+
+
 @click.command("travel-service")
 @click.option(
     "--service",
@@ -82,6 +95,7 @@ _KAFKA_CONFIG = click.option(
 )
 @click.option("--http-port", type=int, default=None, help="Serve /healthz and /metrics.")
 @click.option("--http-host", default="127.0.0.1", show_default=True)
+@_SHUTDOWN_TIMEOUT
 @click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
@@ -97,6 +111,7 @@ def travel_service(
     name: str | None,
     http_port: int | None,
     http_host: str,
+    shutdown_timeout_s: float,
     log_level: str,
 ) -> None:
     """Run one service of the travel booking example (docs/travel.md)."""
@@ -105,7 +120,9 @@ def travel_service(
 
     logs.configure(log_level, "console")
     which = cast(travel.ServiceName, service)
-    settings: dict[str, Any] = {"name": name} if name else {}
+    settings: dict[str, Any] = {"shutdown_timeout_s": shutdown_timeout_s}
+    if name:
+        settings["name"] = name
     try:
         kafka = kafka_settings(config_path, bootstrap_servers)
         if install_first:
@@ -171,6 +188,7 @@ def travel_service(
     show_default=True,
     help="Consumer threads for replies and events (each takes some of the partitions).",
 )
+@_SHUTDOWN_TIMEOUT
 @click.option(
     "--log-level",
     envvar="WALSAGA_LOG_LEVEL",
@@ -195,6 +213,7 @@ def order_service(
     customers_dsn: str | None,
     max_wait_s: float,
     workers: int,
+    shutdown_timeout_s: float,
     log_level: str,
     log_format: str,
 ) -> None:
@@ -215,6 +234,7 @@ def order_service(
         customers_dsn=customers_dsn,
         max_wait_s=max_wait_s,
         workers=workers,
+        shutdown_timeout_s=shutdown_timeout_s,
     )
     try:
         installed = service.ensure_installed(dsn)

@@ -10,6 +10,13 @@ deleted at any time the demo is not running. As root, Postgres runs as the
 ``postgres`` user; when that user cannot enter the directory (a clone in
 root's home, mode 700), the clusters go to ``/var/tmp/walsaga-demo-<hash>``
 instead and logs, pids and the relay's config stay in the directory.
+
+A stop goes in dependency order: the services, then the relay, then the
+broker, then Postgres, each asked first (SIGTERM; Postgres a fast shutdown)
+and killed if still there after its grace; a second Ctrl-C kills what is left
+at once. ``pids.json`` records each process so that it can be recognised later
+(its start time, not just its pid): a demo killed outright leaves processes
+running, and the next run in the same directory stops them first.
 """
 
 from __future__ import annotations
@@ -29,10 +36,11 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import psycopg
@@ -63,6 +71,12 @@ ROUTES = [
     ("LIS-NYC", "nyc-soho", "NYC-suv"),
     ("LIS-TYO", "tokyo-ginza", "TYO-kei"),
 ]
+
+#: How long each stage of a stop may take before what is left of it is killed:
+#: the services and the relay stop within 5 s by themselves (their
+#: --shutdown-timeout, [relay] shutdown_timeout_s), the broker and Postgres
+#: within moments.
+STOP_GRACE_S = {"services": 7.0, "relay": 7.0, "broker": 2.0, "Postgres": 5.0}
 
 #: Where the clusters go when the Postgres user cannot enter the demo's directory:
 #: kept across reboots, for --keep. World-writable, hence _own_directory's checks.
@@ -95,6 +109,188 @@ class DemoOptions:
     fresh: bool = False
 
 
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A process the demo started, as ``pids.json`` keeps it: enough to tell later
+    whether that pid is still the same process. A pid alone is not: once the
+    process is gone the kernel may give it to any other, so the record keeps
+    the boot, the start time (clock ticks since boot) and the command line."""
+
+    name: str
+    pid: int
+    boot: str
+    started: int
+    cmdline: tuple[str, ...]
+
+    @classmethod
+    def of(cls, name: str, pid: int) -> ProcessRecord | None:
+        """The record of the running process `pid` (None if there is none)."""
+        seen = _proc_status(pid)
+        if seen is None:
+            return None
+        _, started, cmdline = seen
+        return cls(name, pid, _boot_id(), started, cmdline)
+
+    def is_running(self) -> bool:
+        """Whether this very process still runs (not another one that has its pid now)."""
+        seen = _proc_status(self.pid)
+        if seen is None or self.boot != _boot_id():
+            return False
+        state, started, cmdline = seen
+        # A process may rewrite its arguments (its title), not its executable.
+        same_program = cmdline[:1] == self.cmdline[:1]
+        return state != "Z" and started == self.started and same_program
+
+    def pid_in_use(self) -> bool:
+        return _proc_status(self.pid) is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "boot": self.boot,
+            "started": self.started,
+            "cmdline": list(self.cmdline),
+        }
+
+    @classmethod
+    def from_json(cls, name: str, data: Any) -> ProcessRecord | None:
+        """The record as ``pids.json`` keeps it; None for an entry it cannot read
+        (older demos recorded bare pids)."""
+        try:
+            return cls(
+                name,
+                int(data["pid"]),
+                str(data["boot"]),
+                int(data["started"]),
+                tuple(str(a) for a in data["cmdline"]),
+            )
+        except (TypeError, KeyError, ValueError):
+            return None
+
+
+def _proc_status(pid: int) -> tuple[str, int, tuple[str, ...]] | None:
+    """A process's state letter, start time and arguments, from /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    # The command name in parentheses may hold spaces: fields start after it.
+    fields = stat.rpartition(")")[2].split()
+    args = tuple(a.decode(errors="replace") for a in cmdline.split(b"\0") if a)
+    return fields[0], int(fields[19]), args
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+class _Stoppable(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    def alive(self) -> bool: ...
+
+    def send(self, signum: int) -> None: ...
+
+
+@dataclass
+class _Child:
+    """A process this demo started itself (and reaps)."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def send(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(signum)
+
+
+@dataclass
+class _Recorded:
+    """A process known by its record only: a Postgres server (pg_ctl started it),
+    or what an earlier demo left. Signalled only while it is still that process."""
+
+    record: ProcessRecord
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    def alive(self) -> bool:
+        return self.record.is_running()
+
+    def send(self, signum: int) -> None:
+        if self.record.is_running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.record.pid, signum)
+
+
+def _stage(name: str) -> str:
+    """Which stage of a stop the process `name` belongs to."""
+    if name == "relay":
+        return "relay"
+    if name == "broker":
+        return "broker"
+    if name.startswith("postgres-"):
+        return "Postgres"
+    return "services"
+
+
+def stop_in_order(processes: Sequence[_Stoppable], *, hurry: threading.Event) -> list[str]:
+    """Stop `processes` stage by stage (services, relay, broker, Postgres): each is
+    asked to stop (SIGTERM; a fast shutdown for Postgres) and killed if it is still
+    there after its stage's grace, or at once when `hurry` is set. Returns the
+    names of those that had to be killed."""
+    killed: list[str] = []
+    for stage, grace_s in STOP_GRACE_S.items():
+        live = [p for p in processes if _stage(p.name) == stage and p.alive()]
+        for proc in live:
+            proc.send(signal.SIGINT if stage == "Postgres" else signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while any(p.alive() for p in live) and time.monotonic() < deadline:
+            if hurry.wait(0.02):
+                break
+        stubborn = [p for p in live if p.alive()]
+        for proc in stubborn:
+            proc.send(signal.SIGKILL)
+            killed.append(proc.name)
+        deadline = time.monotonic() + 5
+        while any(p.alive() for p in stubborn) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return killed
+
+
+def earlier_processes(pids_file: Path) -> tuple[list[ProcessRecord], list[str]]:
+    """What the demo that wrote `pids_file` left running, and a note for each pid
+    it recorded that another process has now (those are left alone)."""
+    try:
+        recorded = json.loads(pids_file.read_text())
+    except (OSError, ValueError):
+        return [], []
+    if not isinstance(recorded, dict):
+        return [], []
+    running: list[ProcessRecord] = []
+    notes: list[str] = []
+    for name, data in recorded.items():
+        record = ProcessRecord.from_json(name, data)
+        if record is None:
+            if isinstance(data, int) and _proc_status(data) is not None:
+                notes.append(f"pid {data} ({name} of an older demo) cannot be checked: left alone")
+            continue
+        if record.is_running():
+            running.append(record)
+        elif record.pid_in_use():
+            notes.append(f"pid {record.pid} (was the {name}) is another process now: left alone")
+    return running, notes
+
+
 @dataclass
 class _Stack:
     """Everything the demo started, for an orderly stop."""
@@ -104,31 +300,36 @@ class _Stack:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     http_ports: dict[str, int] = field(default_factory=dict)
 
-    def stop(self) -> None:
-        for proc in self.processes.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.processes.values():
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self.broker is not None:
-            self.broker.stop()
-        with concurrent.futures.ThreadPoolExecutor(len(self.clusters) or 1) as pool:
-            list(pool.map(lambda c: c.stop(), self.clusters.values()))
-
-    def pids(self) -> dict[str, int]:
-        found = {name: p.pid for name, p in self.processes.items()}
-        if self.broker is not None:
-            with contextlib.suppress(AssertionError):
-                found["broker"] = self.broker.pid
-        for name, cluster in self.clusters.items():
-            pidfile = cluster.datadir / "postmaster.pid"
-            if pidfile.exists():
-                found[f"postgres-{name}"] = int(pidfile.read_text().split()[0])
+    def _stoppable(self) -> list[_Stoppable]:
+        found: list[_Stoppable] = [_Child(name, p) for name, p in self.processes.items()]
+        if self.broker is not None and self.broker.process is not None:
+            found.append(_Child("broker", self.broker.process))
+        found.extend(_Recorded(record) for record in self._servers().values())
         return found
+
+    def _servers(self) -> dict[str, ProcessRecord]:
+        found = {}
+        for name, cluster in self.clusters.items():
+            pid = cluster.postmaster_pid()
+            record = ProcessRecord.of(f"postgres-{name}", pid) if pid is not None else None
+            if record is not None:
+                found[record.name] = record
+        return found
+
+    def stop(self, *, hurry: threading.Event) -> list[str]:
+        """Stop everything in order; returns what had to be killed."""
+        return stop_in_order(self._stoppable(), hurry=hurry)
+
+    def records(self) -> dict[str, ProcessRecord]:
+        found: dict[str, ProcessRecord] = {}
+        children = dict(self.processes)
+        if self.broker is not None and self.broker.process is not None:
+            children["broker"] = self.broker.process
+        for name, proc in children.items():
+            record = ProcessRecord.of(name, proc.pid)
+            if record is not None:
+                found[name] = record
+        return {**found, **self._servers()}
 
 
 class Demo:
@@ -140,7 +341,12 @@ class Demo:
         self.stack = _Stack()
         self.dsn: dict[str, str] = {}
         self.stopping = threading.Event()
+        #: Set by a signal during the stop: kill what is left at once.
+        self.hurry = threading.Event()
         self.errors = Console(stderr=True, highlight=False)
+        #: Whether pids.json is this run's to write (not while another demo may own it).
+        self._owns_pids = False
+        self._records: dict[str, ProcessRecord] = {}
 
     @property
     def clusters_outside(self) -> bool:
@@ -159,7 +365,6 @@ class Demo:
             signal.signal(s, on_signal)
         try:
             self.start()
-            self._write_pids()
             if self.stopping.is_set():
                 return 130
             outcome = self.workload()
@@ -177,25 +382,71 @@ class Demo:
             self._report(e)
             return EXIT_ERROR
         finally:
-            if self.dir.is_dir():
-                self._write_pids()
-            with self.console.status("stopping every process ..."):
-                self.stack.stop()
-            if self.clusters_outside:
-                self.console.print(
-                    f"stopped. Data and logs stay in {self.dir} and {self.clusters_dir} "
-                    f"(delete them with: rm -rf {self.dir} {self.clusters_dir})"
-                )
-            else:
-                self.console.print(
-                    f"stopped. Data and logs stay in {self.dir} (delete it with: rm -rf {self.dir})"
-                )
+            for s in previous:
+                signal.signal(s, lambda signum, frame: self.hurry.set())
+            self._stop()
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
+    def _stop(self) -> None:
+        if self._owns_pids and self.dir.is_dir():
+            self._write_pids()
+        started = time.monotonic()
+        with self.console.status("stopping the services, the relay, the broker, Postgres ..."):
+            killed = self.stack.stop(hurry=self.hurry)
+        took_s = time.monotonic() - started
+        if self.hurry.is_set():
+            self.console.print("interrupted again: killed what was still running")
+        elif killed:
+            self.console.print(
+                f"[yellow]killed[/yellow] (still running after their grace): {', '.join(killed)}"
+            )
+        where = f"{self.dir} and {self.clusters_dir}" if self.clusters_outside else str(self.dir)
+        delete = f"{self.dir} {self.clusters_dir}" if self.clusters_outside else str(self.dir)
+        them = "them" if self.clusters_outside else "it"
+        self.console.print(
+            f"stopped in {took_s:.1f}s. Data and logs stay in {where} "
+            f"(delete {them} with: rm -rf {delete})"
+        )
+
     def _write_pids(self) -> None:
-        # What was started, so that anyone can check it is gone afterwards.
-        (self.dir / "pids.json").write_text(json.dumps(self.stack.pids()))
+        # What was started, so that anyone can check it is gone afterwards, and
+        # the next run can stop it if this one is killed outright. A process
+        # recorded once stays recorded (one that exited cannot be looked at).
+        if not self._records:
+            me = ProcessRecord.of("demo", os.getpid())
+            self._records = {"demo": me} if me is not None else {}
+        self._records.update(self.stack.records())
+        data = {name: r.to_json() for name, r in self._records.items()}
+        (self.dir / "pids.json").write_text(json.dumps(data, indent=1))
+
+    def _stop_leftovers(self) -> None:
+        """Stop what an earlier demo in this directory left running (killed outright,
+        it could stop nothing), in the usual order; refuse while that demo runs."""
+        running, notes = earlier_processes(self.dir / "pids.json")
+        for note in notes:
+            self.console.print(note)
+        earlier = next((r for r in running if r.name == "demo"), None)
+        if earlier is not None:
+            raise SetupError(
+                f"another walsaga demo is running in {self.dir} (pid {earlier.pid}); "
+                "stop it first, or choose another --dir"
+            )
+        if not running:
+            self._owns_pids = True
+            return
+        self.console.print(
+            f"an earlier demo in {self.dir} left {len(running)} processes running: "
+            + ", ".join(f"{r.name} (pid {r.pid})" for r in running)
+            + "; stopping them first"
+        )
+        with self.console.status("stopping what the earlier demo left ..."):
+            killed = stop_in_order([_Recorded(r) for r in running], hurry=self.hurry)
+        # Only now: a stop cut short keeps the earlier records for the next run.
+        self._owns_pids = True
+        if killed:
+            self.console.print(f"  killed (still running after their grace): {', '.join(killed)}")
+        self.console.print("[green]✓[/green] stopped what the earlier demo left running")
 
     def _report(self, failure: DemoProcessError) -> None:
         self.errors.print(f"[bold red]error[/bold red]: {failure}")
@@ -210,6 +461,7 @@ class Demo:
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._stop_leftovers()
         outside = outside_clusters_dir(self.dir)
         if self.options.fresh:
             # Only what the demo itself made: --dir may name a folder that
@@ -233,6 +485,7 @@ class Demo:
             self.stack.clusters = clusters
             with concurrent.futures.ThreadPoolExecutor(len(clusters)) as pool:
                 list(pool.map(lambda c: c.start(), clusters.values()))
+            self._write_pids()
             for name, cluster in clusters.items():
                 self.dsn[name] = cluster.create_database(name)
         self.console.print(
@@ -245,6 +498,7 @@ class Demo:
             )
         with self.console.status("starting the embedded Kafka-protocol broker ..."):
             self.stack.broker = EmbeddedBroker(logfile=self.dir / "logs" / "broker.log").start()
+            self._write_pids()
         bootstrap = self.stack.broker.bootstrap_servers
         self.console.print(f"[green]✓[/green] broker: {bootstrap}")
         with self.console.status("deploying schemas and capture specs ..."):
@@ -252,6 +506,7 @@ class Demo:
         self.console.print("[green]✓[/green] schemas, capture triggers and demo data deployed")
         with self.console.status("starting the relay and the services ..."):
             self._start_processes(bootstrap)
+            self._write_pids()
             self._wait_healthy()
         self.console.print(
             "[green]✓[/green] relay and services up: " + ", ".join(self.stack.processes)
@@ -413,7 +668,8 @@ class Demo:
         with Progress(*columns, console=self.console) as progress:
             order_task = progress.add_task("orders (credit saga)", total=len(order_jobs))
             trip_task = progress.add_task("trips (flight + hotel + car)", total=len(trip_jobs))
-            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            pool = concurrent.futures.ThreadPoolExecutor(8)
+            try:
                 futures = [pool.submit(self._place_order, *job) for job in order_jobs]
                 futures += [pool.submit(self._book_trip, job) for job in trip_jobs]
                 for future in concurrent.futures.as_completed(futures):
@@ -428,6 +684,10 @@ class Demo:
                     progress.advance(order_task if kind == "orders" else trip_task)
                     if self.stopping.is_set():
                         raise KeyboardInterrupt
+            finally:
+                # On a Ctrl-C, not waiting for the requests under way: they end
+                # as their services stop.
+                pool.shutdown(wait=False, cancel_futures=True)
         results["failed_sagas"] = self._failed_sagas()
         return results
 
@@ -452,7 +712,8 @@ class Demo:
             while True:
                 trip = trip_status(conn, trip_id)
                 conn.rollback()
-                if trip is not None and (trip.settled or time.monotonic() > deadline):
+                late = time.monotonic() > deadline or self.stopping.is_set()
+                if trip is not None and (trip.settled or late):
                     break
                 time.sleep(0.05)
         return "trips", {

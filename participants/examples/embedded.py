@@ -218,11 +218,16 @@ class LocalPostgres:
             raise SetupError(f"postgres did not start on port {self.port}: {tail}") from e
         return self
 
-    def stop(self, *, mode: str = "fast") -> None:
-        pidfile = self.datadir / "postmaster.pid"
+    def postmaster_pid(self) -> int | None:
+        """The pid of the running server, from its lock file (None when it is not running)."""
         try:
-            pid = int(pidfile.read_text().split()[0])
+            return int((self.datadir / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self, *, mode: str = "fast") -> None:
+        pid = self.postmaster_pid()
+        if pid is None:
             return
         self._cmd(
             str(postgres_bindir() / "pg_ctl"), "-D", str(self.datadir), "-m", mode, "-w", "stop",
@@ -287,6 +292,10 @@ class EmbeddedBroker:
         assert self._proc is not None
         return self._proc.pid
 
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._proc
+
     def start(self, *, timeout_s: float = 30.0) -> EmbeddedBroker:
         if not self.port:
             self.port = free_port()
@@ -306,6 +315,9 @@ class EmbeddedBroker:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+                # Out of the caller's process group: a Ctrl-C at the terminal
+                # reaches the caller, which stops the broker after its clients.
+                start_new_session=True,
             )
         finally:
             if out is not subprocess.DEVNULL:

@@ -32,8 +32,8 @@ class CustomerDirectory:
     def open(self) -> None:
         self.pool.open(wait=False)  # an unreachable directory must not stop the service
 
-    def close(self) -> None:
-        self.pool.close()
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.pool.close(timeout_s)
 
     def knows(self, customer_id: str) -> bool | None:
         """Whether the customer exists; None when the directory cannot say."""

@@ -15,6 +15,7 @@ from psycopg import sql
 
 from participants.examples import orders
 from participants.examples.order_service.connections import KEEPALIVES
+from walsaga.retry import BackoffPolicy
 
 log = structlog.get_logger("walsaga.order_service")
 
@@ -86,7 +87,7 @@ class OrderNotices:
 
     async def run(self) -> None:
         """Listen until cancelled, reconnecting with backoff."""
-        delay = 0.1
+        backoff = BackoffPolicy(min_s=0.1, max_s=max(0.1, self.retry_max_s)).backoff()
         listen = sql.SQL("LISTEN {}").format(sql.Identifier(orders.NOTIFY_CHANNEL))
         while True:
             try:
@@ -96,15 +97,20 @@ class OrderNotices:
                 async with conn:
                     await conn.execute(listen)
                     self.listening.set()
-                    delay = 0.1
+                    backoff.reset()
                     self._wake_all()  # whatever settled while nobody listened
                     async for notify in conn.notifies():
                         self._dispatch(notify.payload)
             except psycopg.Error as e:
-                log.warning("order notifications interrupted", error=str(e), retry_in_s=delay)
+                delay = backoff.next_delay()
+                log.warning(
+                    "order notifications interrupted", error=str(e), retry_in_s=round(delay, 2)
+                )
             except Exception as e:
-                log.error("order notifications failed", error=repr(e), retry_in_s=delay)
+                delay = backoff.next_delay()
+                log.error("order notifications failed", error=repr(e), retry_in_s=round(delay, 2))
+            else:  # the server ended the stream without an error
+                delay = backoff.next_delay()
             finally:
                 self.listening.clear()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self.retry_max_s)

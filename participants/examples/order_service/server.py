@@ -6,10 +6,11 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
 
 import psycopg
+import structlog
 import uvicorn
 
 from participants.examples import orders
@@ -17,6 +18,9 @@ from participants.examples.order_service.app import create_app
 from participants.examples.order_service.service import OrderService, OrderServiceSettings
 from walsaga import schema
 from walsaga.errors import SetupError, from_psycopg
+from walsaga.lifecycle import Shutdown
+
+log = structlog.get_logger("walsaga.order_service")
 
 
 def ensure_installed(dsn: str) -> list[str]:
@@ -51,17 +55,22 @@ def ensure_installed(dsn: str) -> list[str]:
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, telling the service at once when asked to stop, and exiting 0
-    after a stop it completed (uvicorn itself raises the signal again once it
-    is done, so the process would end "killed by SIGTERM")."""
+    """uvicorn, with the process's stop bounded by a :class:`Shutdown`: the first
+    SIGTERM or SIGINT tells the service at once (it stops taking work) and arms the
+    watchdog, a second one exits at once. A completed stop exits 0 (uvicorn itself
+    would raise the signal again once done, so the process would end "killed by
+    SIGTERM")."""
 
-    def __init__(self, config: uvicorn.Config, *, on_stop: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, *, shutdown: Shutdown) -> None:
         super().__init__(config)
-        self.on_stop = on_stop
+        self.stop_request = shutdown  # not `shutdown`: uvicorn's own coroutine of that name
+        shutdown.on_stop(self._exit_soon)
+
+    def _exit_soon(self) -> None:
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.on_stop()
-        super().handle_exit(sig, frame)
+        self.stop_request.handle(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -80,15 +89,17 @@ def serve(
     settings: OrderServiceSettings, *, host: str, port: int, log_level: str = "info"
 ) -> str | None:
     """Run the service until SIGTERM or SIGINT. Returns why it stopped on its
-    own (None after a requested stop)."""
-    server: _Server | None = None
+    own (None after a requested stop).
 
-    def fatal() -> None:
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(settings, on_fatal=fatal)
+    The stop takes at most ``settings.shutdown_timeout_s`` from the signal:
+    requests still open get part of it (waiting requests and event streams
+    are answered at once), the service's own stop the rest; past it the
+    process exits 143 (see :mod:`walsaga.lifecycle`).
+    """
+    shutdown = Shutdown(grace_s=settings.shutdown_timeout_s, name=settings.name)
+    app = create_app(settings, on_fatal=shutdown.request)
     service: OrderService = app.state.service
+    shutdown.on_stop(service.begin_shutdown)
     config = uvicorn.Config(
         app,
         host=host,
@@ -96,15 +107,19 @@ def serve(
         lifespan="on",
         access_log=False,
         log_level=log_level,
-        # Waiting requests and event streams end at once on a stop; this
-        # bounds only what is left (a slow client).
-        timeout_graceful_shutdown=10,
+        # Waiting requests and event streams end at once on a stop; this bounds
+        # what is left (a slow client) to a part of the stop's bound (uvicorn
+        # counts it in whole seconds).
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_timeout_s * 0.3)),
     )
-    server = _Server(config, on_stop=service.begin_shutdown)
+    server = _Server(config, shutdown=shutdown)
     try:
         server.run()
     except SystemExit:  # uvicorn's answer to a failed startup, logged above
+        shutdown.done()
         return service.failure or "the service did not start"
+    took_s = shutdown.done()
     if not server.started:
         return service.failure or "the service did not start"
+    log.info("order service exited", shutdown_s=took_s)
     return service.failure

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class OrderServiceSettings:
     workers: int = 1
     sse_keepalive_s: float = 15.0
     webhook: WebhookPolicy = field(default_factory=WebhookPolicy)
+    #: How long a stop may take, from the request to the end of :meth:`OrderService.stop`.
+    shutdown_timeout_s: float = 5.0
 
 
 class OrderService:
@@ -69,6 +72,7 @@ class OrderService:
             orchestrator=self.orchestrator,
             name=settings.name,
             workers=settings.workers,
+            shutdown_timeout_s=settings.shutdown_timeout_s,
         )
         registry = self.participant.metrics.registry
         self.created = Counter(
@@ -101,7 +105,8 @@ class OrderService:
         self._thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping = False
+        #: When the stop was asked for (monotonic): the start of its bound.
+        self._stop_requested: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -136,7 +141,7 @@ class OrderService:
     async def _watch_consumer(self) -> None:
         while self._thread is not None and self._thread.is_alive():
             await asyncio.sleep(0.5)
-        if self._stopping:
+        if self._stop_requested is not None:
             return
         self.failure = self.failure or "the consumer stopped"
         log.error("order service stopping", reason=self.failure)
@@ -145,31 +150,52 @@ class OrderService:
             self.on_fatal()
 
     def begin_shutdown(self) -> None:
-        """Answer every waiting request and end every event stream now (any thread)."""
+        """Stop taking work now (any thread, a signal handler's too): answer every
+        waiting request, end every event stream, stop the consumer and the webhook
+        sender. :meth:`stop` ends within ``shutdown_timeout_s`` of the first call."""
+        if self._stop_requested is None:
+            self._stop_requested = time.monotonic()
+        self.participant.stop()
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(self.notices.close)
+        loop.call_soon_threadsafe(self._stop_taking_work)
 
-    async def stop(self) -> None:
-        self._stopping = True
+    def _stop_taking_work(self) -> None:
         self.notices.close()
         self.webhooks.stop()
+
+    def _left_s(self, fraction: float) -> float:
+        """Time left until `fraction` of the stop's bound has passed."""
+        assert self._stop_requested is not None
+        bound = self.settings.shutdown_timeout_s
+        return max(0.0, self._stop_requested + bound * fraction - time.monotonic())
+
+    async def stop(self) -> None:
+        """Finish the stop within the bound: the consumer stopped (its offsets
+        committed if Kafka answers in time), the webhook call under way finished
+        or cut short, the pools closed. Nothing is lost by what is cut short: a
+        webhook call is made again once its lease runs out (receivers drop
+        repeats by ``Walsaga-Delivery``), records not committed are consumed
+        again after the restart and the inbox drops repeats."""
+        self.begin_shutdown()
+        self._stop_taking_work()
         tasks = {t.get_name(): t for t in self._tasks}
         sender = tasks.pop("webhooks", None)
         if sender is not None:
-            # Let a call under way finish and be recorded.
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(sender, self.settings.webhook.timeout_s + 5)
-        self.participant.stop()
+                await asyncio.wait_for(sender, self._left_s(0.5))
         if self._thread is not None:
-            await run_in_threadpool(self._thread.join, 30.0)
+            # The participant gives up on Kafka at 80% of the bound by itself.
+            await run_in_threadpool(self._thread.join, self._left_s(0.9))
+            if self._thread.is_alive():
+                log.warning("the consumer did not stop in time: leaving it")
         for task in tasks.values():
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         if self.directory is not None:
-            await run_in_threadpool(self.directory.close)
-        await run_in_threadpool(self.pool.close)
+            await run_in_threadpool(self.directory.close, max(0.1, self._left_s(1.0)))
+        await run_in_threadpool(self.pool.close, max(0.1, self._left_s(1.0)))
         log.info("order service stopped")
 
     def health(self) -> tuple[bool, dict[str, Any]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +16,8 @@ from prometheus_client import Counter
 from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.concurrency import run_in_threadpool
 
+from walsaga.retry import BackoffPolicy
+
 log = structlog.get_logger("walsaga.order_service")
 
 
@@ -26,8 +27,9 @@ class WebhookPolicy:
 
     A call counts as failed on a connection error, a timeout or any answer
     other than 2xx. Attempt n+1 follows attempt n after ``backoff_s * 2**(n-1)``
-    (capped at ``backoff_max_s``, less up to 20% jitter); after
-    ``max_attempts`` the delivery is given up and marked ``FAILED``.
+    (capped at ``backoff_max_s``, less up to 20% jitter: the walsaga backoff,
+    :attr:`backoff`); after ``max_attempts`` the delivery is given up and
+    marked ``FAILED``.
     """
 
     max_attempts: int = 10
@@ -42,13 +44,21 @@ class WebhookPolicy:
     batch_size: int = 20
     retention_s: float = 7 * 24 * 3600
 
+    @property
+    def backoff(self) -> BackoffPolicy:
+        # Jitter spreads the retries of many orders to one endpoint apart.
+        return BackoffPolicy(
+            min_s=min(self.backoff_s, self.backoff_max_s),
+            max_s=self.backoff_max_s,
+            multiplier=2.0,
+            jitter=0.2,
+        )
+
     def retry_in_s(self, attempt: int) -> float | None:
         """The wait after failed attempt `attempt` (1-based); None when it was the last."""
         if attempt >= self.max_attempts:
             return None
-        wait = min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s)
-        # Jitter spreads the retries of many orders to one endpoint apart.
-        return float(wait * random.uniform(0.8, 1.0))
+        return self.backoff.delay(attempt)
 
 
 @dataclass(frozen=True)
