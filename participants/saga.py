@@ -406,6 +406,8 @@ def on_local_result(
 ) -> tuple[SagaState, list[Effect]]:
     """The outcome of the :class:`RunLocal` the last transition asked for."""
     effects: list[Effect] = []
+    if state.status in TERMINAL or state.step >= len(definition.steps):
+        return state, effects  # nothing ran for a saga that has ended
     step = definition.steps[state.step]
     if state.status == RUNNING:
         if error is None:
