@@ -532,7 +532,9 @@ def test_built_images_start_from_official_images_with_pinned_tags() -> None:
     assert len(builds) == 2, "the walsaga image and the Postgres image"
     for _context, dockerfile in builds:
         assert dockerfile.is_file(), f"{dockerfile} does not exist"
-        for base in _from_lines(dockerfile):
+        bases = _from_lines(dockerfile)
+        assert bases, f"{dockerfile} has no FROM line"
+        for base in bases:
             repository, tag = _repository_and_tag(base)
             assert repository in OFFICIAL_REPOSITORIES, f"{dockerfile}: FROM {base}"
             assert PINNED_TAG.match(tag), f"{dockerfile}: FROM {base} is not a pinned release"
@@ -986,7 +988,9 @@ def test_the_set_up_works_on_databases_made_the_way_compose_makes_them(
         assert inventory.command == ["sh", str(folder.target / "load.sh")]
         assert '-h "$db-db" -d "$db"' in script.read_text()
         waits = c.waits_for(inventory.name)
-        for path in sorted(folder.host_path.glob("*.sql")):
+        loads = sorted(folder.host_path.glob("*.sql"))
+        assert [p.stem for p in loads] == ["car", "flight", "hotel"], loads
+        for path in loads:
             host = f"{path.stem}-db"
             assert c[host].database == path.stem
             assert host in waits, f"travel-inventory may run before {host} is up"
@@ -1045,10 +1049,17 @@ def test_the_docs_book_trips_the_sample_inventory_can_sell() -> None:
     compile(snippet, "docs/compose.md", "exec")
     folder = ROOT / "docker" / "travel-inventory"
     inventory = " ".join(p.read_text() for p in folder.glob("*.sql"))
+    assert inventory, f"no inventory in {folder}"
     for key in ("flight_id", "hotel_id", "car_class"):
-        for value in re.findall(rf'{key}="([^"]+)"', snippet):
+        values = re.findall(rf'{key}="([^"]+)"', snippet)
+        assert values, f"the docs' booking names no {key}"
+        for value in values:
             assert f"'{value}'" in inventory, f"the docs book {value}, which is not for sale"
     customers = (ROOT / "docker" / "initdb" / "customers.sql").read_text()
-    for customer in re.findall(r'"customer_id": "([^"]+)"', text):
-        if customer != "nobody":
-            assert f"'{customer}'" in customers, f"the docs order for unknown {customer}"
+    ordering = set(re.findall(r'"customer_id": "([^"]+)"', text))
+    assert "nobody" in ordering, "the docs show no order for an unknown customer"
+    assert "'nobody'" not in customers, "the unknown customer of the docs exists"
+    known = ordering - {"nobody"}
+    assert known, "the docs order for no known customer"
+    for customer in known:
+        assert f"'{customer}'" in customers, f"the docs order for unknown {customer}"

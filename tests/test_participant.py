@@ -7,13 +7,13 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import OFFSET_INVALID, Consumer, Producer, TopicPartition
 
 from participants import declarative
 from participants.declarative import SqlHandler, _placeholders
@@ -79,6 +79,34 @@ def outbox(dsn: str, aggregatetype: str) -> list[tuple[Any, ...]]:
     )
 
 
+def group_offsets(
+    broker: str, group: str, topic: str, *, partitions: int
+) -> tuple[list[int], list[int]]:
+    """The committed offset of `group`, and the end offset, of each partition of `topic`."""
+    consumer = Consumer(
+        {"bootstrap.servers": broker, "group.id": group, "enable.auto.commit": False}
+    )
+    try:
+        wanted = [TopicPartition(topic, p) for p in range(partitions)]
+        committed = [tp.offset for tp in consumer.committed(wanted, timeout=30)]
+        ends = [consumer.get_watermark_offsets(tp, timeout=30)[1] for tp in wanted]
+    finally:
+        consumer.close()
+    return committed, ends
+
+
+class Recording(Participant):
+    """A participant that keeps every record it is given, handled or not."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[Message] = []
+
+    def handle(self, messages: Sequence[Message]) -> bool:
+        self.seen.extend(messages)
+        return super().handle(messages)
+
+
 def topic() -> str:
     return f"t_{uuid.uuid4().hex[:8]}"
 
@@ -109,11 +137,22 @@ def test_a_repeated_message_takes_effect_once(ledger: str, broker: str) -> None:
         )
     assert sorted(r[0] for r in rows(ledger, "SELECT entry FROM ledger")) == ["a", "b"]
     assert calls.count(same) == 1
-    # Offsets were committed: a new run of the same participant sees nothing again.
-    again = Participant(f"p-{t}", dsn=ledger, kafka={"bootstrap.servers": broker})
+    # Offsets were committed, repeats included: the group's position is the
+    # end of every partition that holds records.
+    committed, ends = group_offsets(broker, f"p-{t}", t, partitions=2)
+    assert sum(ends) == 5
+    for position, end in zip(committed, ends, strict=True):
+        if end:
+            assert position == end, (committed, ends)
+        else:  # nothing there: nothing to commit
+            assert position in (OFFSET_INVALID, 0), (committed, ends)
+    # So a new run of the same participant is given no record at all (the
+    # inbox would hide repeats from the handler: count what is consumed).
+    again = Recording(f"p-{t}", dsn=ledger, kafka={"bootstrap.servers": broker})
     again.add_route(participant.routes[0])
     with running(again):
         time.sleep(2)
+    assert again.seen == []
     assert calls.count(same) == 1
 
 

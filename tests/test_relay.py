@@ -6,13 +6,16 @@ import json
 import shutil
 import subprocess
 import tempfile
+import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 from participants.examples.embedded import EmbeddedBroker, LocalPostgres, free_port
+from relay.wal2json import parse_lsn
 from tests.support import (
     WALSAGA,
     RelayProcess,
@@ -109,22 +112,95 @@ def test_sigterm_flushes_confirms_and_exits_zero(
         assert "stopped" in relay.read_log()
 
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """Every sample of a Prometheus exposition, by name and labels."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    assert key in samples, f"/metrics has no {name}{labels}"
+    return samples[key]
+
+
 def test_health_and_metrics_are_served(tmp_path: Path, walsaga_db: str, broker: str) -> None:
     topic = topic_name("order")
+    create_topics(broker, [topic], partitions=2)
+    launched = time.time()
     with RelayProcess.start(tmp_path, bootstrap=broker, sources={"orders": walsaga_db}) as relay:
         relay.wait_streaming("orders")
         write_events(walsaga_db, 10, aggregatetype=topic)
-        wait_until(lambda: relay.published("orders") >= 10, timeout_s=30)
-        metrics = relay.metrics()
-        for name in ("walsaga_relay_bytes_published_total", "walsaga_relay_in_flight",
-                     "walsaga_relay_slot_lag_bytes", "walsaga_relay_commit_to_ack_seconds_bucket",
-                     "walsaga_relay_errors_total"):  # fmt: skip
-            assert name in metrics or name.replace("_total", "") in metrics
+        records = consume(broker, [topic], until=lambda r: len(r) >= 10)
+        last_lsn = max(parse_lsn(headers_of(m)["lsn"]) for m in records)
+
+        def scrape() -> Samples:
+            return parse_metrics(relay.metrics())
+
+        # What Kafka acknowledged is counted, and the position confirmed follows.
+        wait_until(
+            lambda: sample(scrape(), "walsaga_relay_events_published_total", source="orders") >= 10,
+            timeout_s=30,
+        )
+        wait_until(
+            lambda: sample(scrape(), "walsaga_relay_confirmed_lsn", source="orders") >= last_lsn,
+            timeout_s=30,
+            what=f"the confirmed position to reach {last_lsn}",
+        )
+        wait_until(
+            lambda: sample(scrape(), "walsaga_relay_in_flight", source="orders") == 0, timeout_s=30
+        )
+        samples = scrape()
         report = relay.health()
-        assert report is not None
-        assert report["status"] == "ok"
-        assert report["sources"]["orders"]["slot"] == "walsaga_orders"
-        assert report["sources"]["orders"]["commit_to_ack_ms"]["p50"] is not None
+        with psycopg.connect(walsaga_db, autocommit=True) as conn:
+            [(wal_end,)] = conn.execute("SELECT pg_current_wal_lsn() - '0/0'").fetchall()
+        now = time.time()
+
+    source = {"source": "orders"}
+    assert sample(samples, "walsaga_relay_events_published_total", **source) == 10
+    assert sample(samples, "walsaga_relay_bytes_published_total", **source) == sum(
+        len(m.key() or b"") + len(m.value() or b"") for m in records
+    )
+    assert sample(samples, "walsaga_relay_streaming", **source) == 1
+    assert sample(samples, "walsaga_relay_halted", **source) == 0
+    assert sample(samples, "walsaga_relay_stream_restarts_total", **source) == 0
+    assert last_lsn <= sample(samples, "walsaga_relay_confirmed_lsn", **source) <= wal_end
+    assert 0 <= sample(samples, "walsaga_relay_slot_lag_bytes", **source) < 1 << 30
+    errors = {k: v for k, v in samples.items() if k[0] == "walsaga_relay_errors_total"}
+    assert not any(errors.values()), errors
+
+    # One latency observation per batch of acknowledged events.
+    count = sample(samples, "walsaga_relay_commit_to_ack_seconds_count", **source)
+    total = sample(samples, "walsaga_relay_commit_to_ack_seconds_sum", **source)
+    assert 1 <= count <= 10
+    assert 0 < total < 30 * count
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in samples.items()
+        if name == "walsaga_relay_commit_to_ack_seconds_bucket"
+        and dict(labels)["source"] == "orders"
+    )
+    assert len(buckets) > 10
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets), "buckets are cumulative"
+    assert buckets[-1] == (float("inf"), count)
+
+    # The standard process metrics are the relay process's own.
+    assert launched - 5 <= sample(samples, "process_start_time_seconds") <= now
+    assert sample(samples, "process_resident_memory_bytes") > 10 * 1024 * 1024
+    assert sample(samples, "process_cpu_seconds_total") > 0
+    assert sample(samples, "process_open_fds") > 0
+    assert any(name == "python_info" for name, _ in samples)
+
+    assert report is not None
+    assert report["status"] == "ok"
+    assert report["sources"]["orders"]["slot"] == "walsaga_orders"
+    assert report["sources"]["orders"]["commit_to_ack_ms"]["p50"] is not None
 
 
 def test_outbox_rows_are_removed_after_the_retention_and_replay_republishes(
