@@ -418,10 +418,9 @@ class SagaMachine(RuleBasedStateMachine):
             assert done == []
             assert self.state.status in (saga.COMPENSATING, saga.FAILED)
 
-    @precondition(lambda self: self.state.status in (saga.COMPENSATED, saga.FAILED))
+    @precondition(lambda self: self.state.status in saga.TERMINAL)
     @rule(error=st.sampled_from([None, "late"]))
     def local_result_after_the_end(self, error: str | None) -> None:
-        # (After COMPLETED this raises: see the test below.)
         after, effects = saga.on_local_result(self.defn, self.state, None, error, self.now)
         assert after == self.state
         assert actions(effects, self.defn) == []
