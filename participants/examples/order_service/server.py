@@ -107,6 +107,9 @@ def serve(
         lifespan="on",
         access_log=False,
         log_level=log_level,
+        # walsaga.logs has set logging up: uvicorn's lines go through the same
+        # renderer (JSON lines in JSON mode) instead of uvicorn's own config.
+        log_config=None,
         # Waiting requests and event streams end at once on a stop; this bounds
         # what is left (a slow client) to a part of the stop's bound (uvicorn
         # counts it in whole seconds).

@@ -231,7 +231,8 @@ def _provider(data_dir: Path, host: str, port: int, log_level: str) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     users = Users(data_dir / "identity-provider.sqlite3")
     click.echo(f"identity provider: http://{host}:{port}", err=True)
-    uvicorn.run(create_app(users), host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(create_app(users), host=host, port=port, log_level=log_level, log_config=None,
+                access_log=False)  # fmt: skip
 
 
 def _mail_server(data_dir: Path, host: str, smtp_port: int, port: int, grace_s: float) -> None:

@@ -18,7 +18,7 @@ class Served:
     def __init__(self, app: Any, *, port: int, host: str = "127.0.0.1") -> None:
         self.host = host
         self.port = port
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning",
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None,
                                 access_log=False, lifespan="auto")  # fmt: skip
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"http-{port}", daemon=True)
