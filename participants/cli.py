@@ -33,7 +33,9 @@ def run_until_signalled(participant: Participant, *, http: tuple[str, int] | Non
 
         def health() -> tuple[bool, dict[str, Any]]:
             ok = participant.ready.is_set() and not participant.stop_event.is_set()
-            return ok, {"participant": participant.name, "consuming": ok}
+            report = {"participant": participant.name, "consuming": ok,
+                      "stages_ms": participant.hops.report()}  # fmt: skip
+            return ok, report
 
         server, _ = serve_http(http[0], http[1], participant.metrics.registry, health)
         # It takes up to half a second to stop (its poll interval): from the

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +42,7 @@ from participants.outcome import Outcome, classify_failure
 from participants.schedule import Schedule
 from walsaga import tracing
 from walsaga.errors import SetupError, from_psycopg, is_transient_sqlstate
-from walsaga.http import new_registry
+from walsaga.http import LATENCY_BUCKETS, new_registry
 from walsaga.retry import BackoffPolicy
 
 log = structlog.get_logger("walsaga.participant")
@@ -71,6 +72,47 @@ class ParticipantMetrics:
             ["participant"],
             registry=r,
         )
+        self.receive_delay = Histogram(
+            "walsaga_participant_receive_delay_seconds",
+            "From an event's commit (the record's timestamp) to the participant receiving it",
+            ["participant"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+
+class HopTimes:
+    """The time from an event's commit (the record's timestamp, set by the relay) to
+    this participant receiving it, and from receiving it to the handling transaction's
+    commit: the last two stages of a hop (the relay reports the first ones)."""
+
+    def __init__(self, metrics: ParticipantMetrics, name: str) -> None:
+        self.to_receive = deque[float](maxlen=5000)
+        self.to_commit = deque[float](maxlen=5000)
+        self._m_receive = metrics.receive_delay.labels(name)
+
+    def add(self, records: Sequence[Any], received: float, committed: float) -> None:
+        handled = committed - received
+        for record in records:
+            kind, stamp_ms = record.timestamp()
+            if kind and stamp_ms > 0:
+                delay = received - stamp_ms / 1000
+                self.to_receive.append(delay)
+                self._m_receive.observe(delay)
+            self.to_commit.append(handled)
+
+    def report(self) -> dict[str, dict[str, float | None]]:
+        """p50 and p99 of each stage, in milliseconds."""
+        found = {}
+        for stage, window in (("commit_to_receive", self.to_receive),
+                              ("receive_to_commit", self.to_commit)):  # fmt: skip
+            ordered = sorted(window)
+            found[stage] = {
+                q: (round(ordered[min(len(ordered) - 1, int(f * len(ordered)))] * 1000, 3)
+                    if ordered else None)
+                for q, f in (("p50", 0.5), ("p99", 0.99))
+            }  # fmt: skip
+        return found
 
 
 class _RetryBatchError(Exception):
@@ -119,6 +161,8 @@ class Participant:
         self.ready = threading.Event()  # set once the consumer has partitions
         self.log = log.bind(participant=name)
         self.schedule = Schedule(self.log)
+        #: Where each hop's time goes on this side (commit to receive, handling).
+        self.hops = HopTimes(self.metrics, name)
         self._attempts: dict[str, int] = {}
         self._local = threading.local()  # each worker thread's connection
         self._m_retries = self.metrics.retries.labels(name)
@@ -240,9 +284,11 @@ class Participant:
             while not self.stop_event.is_set():
                 batch = self._next_batch(consumer)
                 if batch:
+                    received = time.time()
                     messages = [Message.from_kafka(r) for r in batch]
                     if not self.handle(messages):
                         break  # stopped while retrying: leave the offsets alone
+                    self.hops.add(batch, received, time.time())
                     try:
                         consumer.store_offsets(offsets=next_offsets(batch))
                     except KafkaException as e:

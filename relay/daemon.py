@@ -64,6 +64,7 @@ class Relay:
                     "p50": None if p50 is None else round(p50 * 1000, 2),
                     "p99": None if p99 is None else round(p99 * 1000, 2),
                 },
+                "stages_ms": stream.stages.report(),
             }
             if st.state not in ("streaming", "standby", "starting"):
                 ok = False

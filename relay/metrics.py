@@ -9,12 +9,7 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from walsaga.http import new_registry
-
-LATENCY_BUCKETS = (
-    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
-    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-)  # fmt: skip
+from walsaga.http import LATENCY_BUCKETS, new_registry
 
 
 class RelayMetrics:

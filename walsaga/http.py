@@ -26,6 +26,12 @@ from prometheus_client import (
 
 HealthFn = Callable[[], tuple[bool, dict[str, Any]]]
 
+#: Histogram buckets for the latencies of a hop's stages: 1 ms to 30 s.
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05,
+    0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
 
 def new_registry() -> CollectorRegistry:
     """A registry with the standard process, platform and GC collectors in it."""

@@ -210,6 +210,7 @@ class OrderService:
             "listening": listening,
             "stopping": self.notices.closing,
             "waiting_requests": self.notices.waiting,
+            "stages_ms": self.participant.hops.report(),
         }
         if self.failure:
             report["failure"] = self.failure
