@@ -5,8 +5,9 @@ failed already:
 
 - a business refusal (:class:`~walsaga.errors.BusinessError`, or a SQLSTATE of
   class ``WS`` or one the participant lists) becomes a failure event;
-- a transient error (lost connection, serialization failure, deadlock) rolls
-  the batch back to be retried after a backoff;
+- a transient error (lost connection, serialization failure, deadlock, a
+  :class:`~walsaga.errors.TransientError`) rolls the batch back to be retried
+  after a backoff, however often: it is never dead-lettered;
 - a record that cannot be handled at all (not JSON, a field missing, any
   other permanent error) goes to the dead-letter topic;
 - anything else is retried, and dead-lettered once it has failed
@@ -20,7 +21,14 @@ from enum import StrEnum
 
 import psycopg
 
-from walsaga.errors import BusinessError, ErrorKind, PermanentError, classify_sqlstate
+from walsaga.errors import (
+    BusinessError,
+    ErrorKind,
+    PermanentError,
+    TransientError,
+    classify,
+    classify_sqlstate,
+)
 
 
 class Outcome(StrEnum):
@@ -52,11 +60,19 @@ def classify_failure(
     """The verdict on a record whose handler raised `error`, on its `attempts`-th failure."""
     if isinstance(error, BusinessError):
         return Verdict(Outcome.BUSINESS_FAILURE, error.reason, error.code)
+    if isinstance(error, TransientError):
+        return Verdict(Outcome.RETRY, f"{type(error).__name__}: {error}")
     if isinstance(error, PermanentError):
         return Verdict(Outcome.DEAD_LETTER, str(error))
     if isinstance(error, psycopg.Error):
         sqlstate = error.sqlstate or ""
-        kind = classify_sqlstate(sqlstate, business=business_sqlstates)
+        # The one classifier: by SQLSTATE when there is one (with the
+        # participant's own business codes), else by what libpq said.
+        kind = (
+            classify_sqlstate(sqlstate, business=business_sqlstates)
+            if sqlstate
+            else classify(error)
+        )
         if kind is ErrorKind.BUSINESS:
             reason = error.diag.message_primary or str(error)
             return Verdict(Outcome.BUSINESS_FAILURE, reason, sqlstate)

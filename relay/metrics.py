@@ -49,7 +49,8 @@ class RelayMetrics:
         )  # fmt: skip
         self.latency = Histogram(
             "walsaga_relay_commit_to_ack_seconds",
-            "From the Postgres commit of an event to Kafka's acknowledgement",
+            "From the Postgres commit to Kafka's acknowledgement, of the first event of each "
+            "group of events acknowledged together",
             ["source"],
             buckets=LATENCY_BUCKETS,
             registry=r,

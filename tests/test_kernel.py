@@ -539,12 +539,10 @@ def test_other_errors_are_retried_then_dead_lettered_after_max_attempts(error: E
     assert last.reason == f"failed 3 times: {type(error).__name__}: {error}"
 
 
-@pytest.mark.xfail(strict=True, reason="classify_failure counts TransientError like any error")
 def test_a_walsaga_transient_error_is_never_dead_lettered() -> None:
     assert verdict(TransientError("broker unreachable"), attempts=10).outcome is Outcome.RETRY
 
 
-@pytest.mark.xfail(strict=True, reason="classify_failure ignores what classify() says")
 def test_a_lost_connection_without_sqlstate_is_never_dead_lettered() -> None:
     error = psycopg.OperationalError("server closed the connection unexpectedly")
     assert classify(error) is ErrorKind.TRANSIENT

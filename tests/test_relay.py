@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import tomllib
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -27,6 +28,7 @@ from tests.support import (
     write_events,
 )
 from walsaga import schema
+from walsaga.config import write_toml
 
 
 def topic_name(prefix: str) -> str:
@@ -356,7 +358,9 @@ def test_a_slot_made_at_deploy_keeps_events_written_before_the_relay_first_runs(
     create_topics(broker, [topic], partitions=2)
     ids = write_events(empty_db, 40, aggregatetype=topic)  # no relay yet
     config = relay_toml(tmp_path / "early.toml", bootstrap=broker, sources={"early": empty_db})
-    config.write_text(config.read_text() + 'slot = "walsaga_early"\n')
+    data = tomllib.loads(config.read_text())
+    data["source"][0]["slot"] = "walsaga_early"
+    write_toml(config, data)
     relay = RelayProcess(config, tmp_path / "early.log", http_port=0)
     relay.launch()
     try:

@@ -379,3 +379,26 @@ def test_the_hot_path_agrees_with_decode_and_route_on_any_row(
     template = "{aggregatetype}.{type}"
     expected = expected_record(data, lsn, Router(template, "s"))
     assert Router(template, "s").record(data, lsn) == expected
+
+
+def test_sources_can_come_from_the_environment_alone() -> None:
+    config = load_relay_config(
+        None,
+        environ={
+            "WALSAGA_KAFKA__BOOTSTRAP_SERVERS": "kafka:9092",
+            "WALSAGA_SOURCE__ORDERS__DSN": "postgresql://relay@db/orders",
+            "WALSAGA_SOURCE__CUSTOMERS__DSN": "postgresql://relay@db/customers",
+            "WALSAGA_SOURCE__CUSTOMERS__SLOT": "customers_slot",
+        },
+    )
+    found = {s.name: (s.dsn, s.slot_name) for s in config.source}
+    assert found == {
+        "orders": ("postgresql://relay@db/orders", "walsaga_orders"),
+        "customers": ("postgresql://relay@db/customers", "customers_slot"),
+    }
+
+
+def test_a_variable_naming_a_source_the_file_lacks_is_an_error(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    with pytest.raises(ConfigError, match="no \\[\\[source\\]\\] named 'ordrs'"):
+        load_relay_config(path, environ={"WALSAGA_SOURCE__ORDRS__DSN": "x"})

@@ -5,7 +5,9 @@ Every key of a file can also come from the environment:
 in a pass-through table such as ``[kafka]``, underscores become dots
 (``WALSAGA_KAFKA__BOOTSTRAP_SERVERS`` sets ``"bootstrap.servers"``); in an array
 of tables such as ``[[source]]``, the element is picked by its ``name``
-(``WALSAGA_SOURCE__CUSTOMERS__DSN``). A value from the environment is a string
+(``WALSAGA_SOURCE__CUSTOMERS__DSN``); when the file has no such array (or
+there is no file), the names the variables use make its elements. A value
+from the environment is a string
 unless the schema says otherwise: a number, a boolean or a list where the
 schema asks for one (lists written as TOML or JSON, ``["P0001"]``), text
 everywhere else, so a password such as ``2024-01-01`` stays that text.
@@ -92,6 +94,8 @@ def apply_env(
     of several walsaga programs without one tripping another.
     """
     used: dict[tuple[str, ...], str] = {}
+    # Arrays of tables the file has: there, a name the file lacks is a mistake.
+    from_file = {k for k, v in data.items() if isinstance(v, list) and v}
     for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or "__" not in var:
             continue
@@ -102,6 +106,10 @@ def apply_env(
         if tables is not None and table not in tables:
             continue
         current = data.get(table)
+        if current is None and _is_list(_field_type(model, [table])):
+            # An array of tables given by the environment alone: each name it
+            # uses is an element ("WALSAGA_SOURCE__ORDERS__DSN" makes source "orders").
+            current = data[table] = []
         if table in passthrough:
             key = ".".join(rest).lower().replace("_", ".")
             data.setdefault(table, {})[key] = raw
@@ -119,7 +127,10 @@ def apply_env(
                 None,
             )
             if element is None:
-                raise ConfigError(f"{var}: no [[{table}]] named {name!r} to override")
+                if table in from_file:
+                    raise ConfigError(f"{var}: no [[{table}]] named {name!r} to override")
+                element = {"name": name}
+                current.append(element)
             path = [r.lower() for r in rest[1:]]
             _set(element, path, _env_value(raw, _field_type(model, [table, *path])))
             used[(table, name, *path)] = var
@@ -131,6 +142,10 @@ def apply_env(
             _set(target, path, _env_value(raw, _field_type(model, [table, *path])))
             used[(table, *path)] = var
     return used
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list
 
 
 def _set(target: dict[str, Any], path: list[str], value: Any) -> None:
