@@ -5,6 +5,7 @@ sagas (retry, abort, resolve)."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
 from collections.abc import Iterator
@@ -377,3 +378,40 @@ def test_abort_compensates_a_running_saga_and_resolve_ends_a_failed_one(
         listed = sagas_cli(config, "list", "--status", "resolved")["sagas"]
         assert [s["id"] for s in listed] == [jammed]
         assert listed[0]["style"] == "orchestration"
+
+
+def test_an_orchestrated_order_is_shown_step_by_step_in_a_terminal(
+    tmp_path: Path, make_database: Any, broker: str
+) -> None:
+    import subprocess
+
+    from participants.examples.operations import tracker_config
+    from tests.support import WALSAGA
+
+    with running_shop(tmp_path, make_database, broker, "orchestration") as shop:
+        config = tracker_config(tmp_path / "tracker.toml", tracker_dsn=make_database("tracker"),
+                                dsns={"orders": shop.orders_dsn, "customers": shop.customers_dsn},
+                                bootstrap_servers=broker)  # fmt: skip
+        with running_tracker(config) as tracker:
+            refused = shop.order("c1", 500)
+            shop.wait_settled([refused])
+            wait_until(lambda: (tracked(tracker.config.tracker.dsn, refused) or {}).get("status")
+                       == "COMPENSATED", timeout_s=60, what="the saga mirrored")  # fmt: skip
+
+            def cli(*args: str) -> str:
+                command = [WALSAGA, "sagas", *args, "--config", str(config)]
+                done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+                assert done.returncode == 0, done.stderr
+                return done.stdout
+
+            shown, listed = cli("show", refused), cli("list")
+    print(shown, listed, sep="\n")
+    text = shown
+    assert f"saga {refused}" in text
+    assert "create-order (orchestrated by orders)" in text
+    assert "status    COMPENSATED" in text
+    assert re.search(r"orders → customers\s+ReserveCredit step reserve-credit", text)
+    assert re.search(r"customers → orders\s+CreditLimitExceeded", text)
+    assert "↺ compensating" in text and "↺ compensated" in text
+    assert "services  orders · customers" in text
+    assert re.search(rf"COMPENSATED\s+create-order\s+{refused}", listed)
