@@ -108,7 +108,8 @@ class Session:
         self.metrics = ctx.metrics
         self.window = AckWindow(confirmed, on_retired=self._retired)
         self.server_wal_end = confirmed
-        self.commit_times = CommitTimes()
+        self.commit_times = CommitTimes()  # of groups retiring (older transactions)
+        self.record_times = CommitTimes()  # of events read (the transaction being read)
         self.upkeep = outbox.Upkeep(conn, retention_s=self.settings.outbox_retention_s, log=ctx.log)
         now = time.monotonic()
         self.feedback = Feedback(confirmed, now, interval_s=self.settings.feedback_interval_s)
@@ -197,7 +198,7 @@ class Session:
         record = self.record
         produce = self.produce
         event = window.event
-        commit_ms = self.commit_times.millis
+        commit_ms = self.record_times.millis
         gaps = self.gaps
         consume_input = self._consume_input
         group: Group | None = None
@@ -283,7 +284,7 @@ class Session:
             self._backpressure()
             try:
                 self.produce(topic, value, key, headers=headers, on_delivery=group.ack,
-                             timestamp=self.commit_times.millis(rec[4]))  # fmt: skip
+                             timestamp=self.record_times.millis(rec[4]))  # fmt: skip
                 return
             except BufferError:
                 continue
