@@ -473,15 +473,19 @@ def list_sagas(conn: psycopg.Connection[Any], f: SagaFilter) -> list[SagaSummary
 def counts(conn: psycopg.Connection[Any], f: SagaFilter) -> dict[str, int]:
     """How many sagas of each shown status match `f` (its status aside).
 
-    Two grouped counts an index answers: all sagas by status, and the live
-    ones past their deadline (few, from the partial index) by status.
+    Each status is counted on its own, which an index-only scan of
+    ``(status, started_at)`` answers (far cheaper than grouping every row),
+    and the live sagas past their deadline (few, from the partial index) by
+    status.
     """
     clauses, params = f.where(with_status=False)
-    where = _and(clauses)
+    statuses = [name.upper() for name in STATUS_FILTERS if name != "stuck"]
     by_status = dict(
         conn.execute(
-            f"SELECT status, count(*) FROM walsaga.tracked_saga WHERE {where} GROUP BY status",
-            params,
+            "SELECT s, (SELECT count(*) FROM walsaga.tracked_saga "
+            f"          WHERE status = s AND {_and(clauses)}) "
+            "FROM unnest(%s::text[]) AS s",
+            (*params, statuses),
         ).fetchall()
     )
     stuck = dict(
