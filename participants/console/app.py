@@ -23,7 +23,7 @@ from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
@@ -199,7 +199,7 @@ class Console:
         return RedirectResponse(target, status_code=303)
 
     def healthz(self, request: Request) -> Response:
-        return PlainTextResponse("ok")
+        return JSONResponse({"status": "ok", "read_only": self.auth.read_only})
 
 
 def size(n: int | None) -> str:
