@@ -157,6 +157,7 @@ def timeline_snapshot(dsn: str) -> tuple[Any, ...]:
     return events, sagas
 
 
+@pytest.mark.slow
 def test_a_choreography_is_tracked_end_to_end_and_repeats_change_no_timeline(
     tmp_path: Path, make_database: Any, broker: str
 ) -> None:
@@ -216,6 +217,7 @@ def test_a_choreography_is_tracked_end_to_end_and_repeats_change_no_timeline(
         ) == len(approved)
 
 
+@pytest.mark.slow
 def test_a_choreography_whose_reply_never_comes_is_stuck_after_its_deadline(
     tmp_path: Path, make_database: Any, broker: str
 ) -> None:
@@ -272,6 +274,7 @@ def vault(
         yield found
 
 
+@pytest.mark.slow
 def test_a_failed_compensation_is_retried_once_the_fault_is_gone(
     tmp_path: Path, make_database: Any, broker: str, vault: Vault
 ) -> None:
@@ -314,6 +317,7 @@ def test_a_failed_compensation_is_retried_once_the_fault_is_gone(
         assert "SagaRetried" in titles, "the repair is announced through the outbox"
 
 
+@pytest.mark.slow
 def test_repairs_that_do_not_apply_are_refused_with_a_clear_message(
     tmp_path: Path, make_database: Any, broker: str, vault: Vault
 ) -> None:
@@ -341,6 +345,7 @@ def test_repairs_that_do_not_apply_are_refused_with_a_clear_message(
     assert "Missing option '--note'" in refused("resolve", done)
 
 
+@pytest.mark.slow
 def test_abort_compensates_a_running_saga_and_resolve_ends_a_failed_one(
     tmp_path: Path, make_database: Any, broker: str, vault: Vault
 ) -> None:
@@ -380,6 +385,7 @@ def test_abort_compensates_a_running_saga_and_resolve_ends_a_failed_one(
         assert listed[0]["style"] == "orchestration"
 
 
+@pytest.mark.slow
 def test_an_orchestrated_order_is_shown_step_by_step_in_a_terminal(
     tmp_path: Path, make_database: Any, broker: str
 ) -> None:
