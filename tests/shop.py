@@ -280,6 +280,7 @@ def running_order_service(
     *,
     credit: dict[str, float] | None = None,
     customer_directory: bool = False,
+    extra_args: list[str] | None = None,
 ) -> Iterator[tuple[Shop, OrderServiceProcess]]:
     """The shop with its order service as a process (`walsaga order-service`)
     serving HTTP; the customer service runs in a thread as in :func:`running_shop`.
@@ -295,6 +296,7 @@ def running_order_service(
     args = ["--dsn", orders_dsn, "--bootstrap-servers", broker, "--mode", mode]
     if customer_directory:
         args += ["--customers-dsn", customers_dsn]
+    args += extra_args or []
     service = OrderServiceProcess(args, tmp_path / "order-service.log", free_port())
     service.launch()
     relay: RelayProcess | None = None

@@ -181,6 +181,15 @@ def travel_service(
     help="Longest ?wait= a request may ask for, in seconds.",
 )
 @click.option(
+    "--max-backlog",
+    envvar="WALSAGA_MAX_BACKLOG",
+    type=click.IntRange(min=0),
+    default=2000,
+    show_default=True,
+    help="Pending orders (sagas under way) past which new orders get 503 with Retry-After; "
+    "0 admits everything.",
+)
+@click.option(
     "--workers",
     envvar="WALSAGA_WORKERS",
     type=click.IntRange(min=1),
@@ -212,6 +221,7 @@ def order_service(
     port: int,
     customers_dsn: str | None,
     max_wait_s: float,
+    max_backlog: int,
     workers: int,
     shutdown_timeout_s: float,
     log_level: str,
@@ -233,6 +243,7 @@ def order_service(
         mode="orchestration" if mode == "orchestration" else "choreography",
         customers_dsn=customers_dsn,
         max_wait_s=max_wait_s,
+        max_backlog=max_backlog,
         workers=workers,
         shutdown_timeout_s=shutdown_timeout_s,
     )

@@ -67,6 +67,8 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 );
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (next_attempt_at)
     WHERE status = 'PENDING';
+-- The orders whose saga is under way: the order service counts them to shed load.
+CREATE INDEX IF NOT EXISTS orders_pending ON orders (created_at) WHERE status = 'PENDING';
 """
 
 ORDER_TOPIC = "order"

@@ -22,19 +22,26 @@ class ApiError(Exception):
     """A request the API refuses: answered as ``{"error", "message", "details"}``."""
 
     def __init__(
-        self, status: int, error: str, message: str, details: list[dict[str, Any]] | None = None
+        self,
+        status: int,
+        error: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        *,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.error = error
         self.message = message
         self.details = details
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body: dict[str, Any] = {"error": self.error, "message": self.message}
         if self.details is not None:
             body["details"] = self.details
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 CustomerId = Annotated[

@@ -35,6 +35,15 @@ def create_app(
         new = parse_new_order(await request.body())
         if service.notices.closing:
             raise ApiError(503, "stopping", "the service is stopping; send the order again")
+        wait = service.admission.check()
+        if wait is not None:
+            raise ApiError(
+                503,
+                "overloaded",
+                f"{service.admission.pending} orders are being settled already; "
+                f"send this one again in {wait}s",
+                headers={"Retry-After": str(wait)},
+            )
         if service.directory is not None:
             known = await run_in_threadpool(service.directory.knows, new.customer_id)
             if known is False:

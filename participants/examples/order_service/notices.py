@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import orjson
 import psycopg
@@ -36,6 +36,8 @@ class OrderNotices:
         self.closing = False
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._watchers: set[asyncio.Event] = set()
+        #: Called for every notification (an order settled), in the event loop.
+        self.listeners: list[Callable[[], None]] = []
 
     @contextlib.contextmanager
     def subscribe(self, order_id: str) -> Iterator[asyncio.Event]:
@@ -80,6 +82,8 @@ class OrderNotices:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.warning("unreadable order notification", payload=payload[:200])
             return
+        for listener in self.listeners:
+            listener()
         for event in self._waiters.get(str(order_id), ()):
             event.set()
         for event in self._watchers:

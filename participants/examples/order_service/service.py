@@ -20,6 +20,7 @@ from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 
 from participants.examples import orders
+from participants.examples.order_service.admission import Admission
 from participants.examples.order_service.api import PENDING, NewOrder, pending_order, sse_event
 from participants.examples.order_service.connections import KEEPALIVES
 from participants.examples.order_service.directory import CustomerDirectory
@@ -52,6 +53,9 @@ class OrderServiceSettings:
     webhook: WebhookPolicy = field(default_factory=WebhookPolicy)
     #: How long a stop may take, from the request to the end of :meth:`OrderService.stop`.
     shutdown_timeout_s: float = 5.0
+    #: Orders still pending (sagas under way) past which new ones are refused
+    #: with 503 and Retry-After; 0 admits everything.
+    max_backlog: int = 2000
 
 
 class OrderService:
@@ -94,6 +98,8 @@ class OrderService:
             name="order-service",
         )
         self.notices = OrderNotices(settings.dsn)
+        self.admission = Admission(self.pool, max_backlog=settings.max_backlog)
+        self.notices.listeners.append(self.admission.settled)
         self.webhooks = WebhookSender(
             self.pool, settings.webhook, wake=self.notices.watch(), calls=webhook_calls
         )
@@ -129,6 +135,7 @@ class OrderService:
         )
         self._thread.start()
         self._tasks.append(asyncio.create_task(self.webhooks.run(), name="webhooks"))
+        self._tasks.append(asyncio.create_task(self.admission.run(), name="admission"))
         self._tasks.append(asyncio.create_task(self._watch_consumer(), name="consumer watch"))
         log.info("order service started", mode=self.settings.mode, name=self.participant.name)
 
@@ -210,6 +217,8 @@ class OrderService:
             "listening": listening,
             "stopping": self.notices.closing,
             "waiting_requests": self.notices.waiting,
+            "pending_orders": self.admission.backlog().pending,
+            "refused_overloaded": self.admission.refused,
             "stages_ms": self.participant.hops.report(),
         }
         if self.failure:
@@ -235,6 +244,7 @@ class OrderService:
 
         await run_in_threadpool(insert)
         self.created.labels(self.settings.mode).inc()
+        self.admission.admitted()
         return pending_order(order_id, new)
 
     def _read(self, order_id: str) -> dict[str, Any] | None:
