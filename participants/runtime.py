@@ -115,6 +115,10 @@ class HopTimes:
         return found
 
 
+class _RedoUnderSavepointError(Exception):
+    """The lone record of a transaction failed: roll back, handle it under a savepoint."""
+
+
 class _RetryBatchError(Exception):
     """Roll the whole batch back and try again (after backoff)."""
 
@@ -410,7 +414,10 @@ class Participant:
                     for message in messages:
                         self._handle_batch(conn, [message], isolated=True)
                 else:
-                    self._handle_batch(conn, messages)
+                    try:
+                        self._handle_batch(conn, messages)
+                    except _RedoUnderSavepointError:
+                        self._handle_batch(conn, messages, isolated=True)
                 self._m_batch.observe(time.monotonic() - started)
                 return True
             except _RetryBatchError as e:
@@ -434,6 +441,7 @@ class Participant:
             with conn.transaction():
                 fresh = self._claim(conn, messages)
                 traced = False
+                lone = len(messages) == 1 and not isolated
                 for message in messages:
                     key = message.dedupe_key
                     if key not in fresh:
@@ -445,7 +453,7 @@ class Participant:
                         if traced:  # not the previous record's trace
                             set_trace(conn, None)
                             traced = False
-                        outcomes.append(self._handle_one(conn, message, isolated, None))
+                        outcomes.append(self._handle_one(conn, message, isolated, None, lone=lone))
                         continue
                     with tracing.span(
                         f"{self.name} {message.type or message.topic}",
@@ -455,7 +463,7 @@ class Participant:
                     ) as hop:  # fmt: skip
                         set_trace(conn, hop, cause=message.id)
                         traced = True
-                        outcomes.append(self._handle_one(conn, message, isolated, hop))
+                        outcomes.append(self._handle_one(conn, message, isolated, hop, lone=lone))
         except psycopg.Error as e:
             commit.rolled_back(conn)
             if conn.broken:
@@ -491,6 +499,8 @@ class Participant:
         message: Message,
         isolated: bool,
         trace: tracing.TraceContext | None,
+        *,
+        lone: bool = False,
     ) -> Outcome:
         route = self.route_for(message)
         compensates = message.headers.get("compensates")
@@ -506,7 +516,27 @@ class Participant:
             return Outcome.IGNORED
         ctx = HandlerContext(conn, message, self.name, trace=trace)
         try:
-            if route.savepoint or isolated:
+            if lone and route.savepoint:
+                # The only record of its transaction: a savepoint would only
+                # undo what rolling the transaction back undoes, at two more
+                # round trips. Should the handler fail, the record is handled
+                # again under one (_RedoUnderSavepointError) to see what the
+                # failure calls for.
+                try:
+                    route.handler(ctx, message)
+                except Exception as e:
+                    if isinstance(e, psycopg.Error) and conn.broken:
+                        raise
+                    verdict = classify_failure(
+                        e,
+                        attempts=self._attempts.get(message.dedupe_key, 0) + 1,
+                        max_attempts=self.max_attempts,
+                        business_sqlstates=self.business_sqlstates,
+                    )
+                    if verdict.outcome is Outcome.RETRY:
+                        return self._failed(conn, route, message, e)  # rolls back, backs off
+                    raise _RedoUnderSavepointError from e
+            elif route.savepoint or isolated:
                 with conn.transaction():
                     route.handler(ctx, message)
             else:
@@ -517,7 +547,7 @@ class Participant:
                 except psycopg.Error as e:
                     raise _RetryBatchError(f"{message.describe()}: {e}") from e
             return Outcome.HANDLED
-        except _RetryBatchError:
+        except (_RetryBatchError, _RedoUnderSavepointError):
             raise
         except Exception as e:
             if isinstance(e, psycopg.Error) and conn.broken:
