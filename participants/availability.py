@@ -5,9 +5,10 @@ across many sagas (at least ``min_waiting``, each waiting longer than
 ``silence_s``) while nothing has been heard from it for ``silence_s``: a
 restart, a rebalance or an outage, not a business answer. Sagas waiting on it
 then keep waiting instead of giving up together, and resend at the longest
-interval (see :func:`participants.saga.on_timeout`). It is *busy* when as
-many sagas wait that long while its answers keep coming: a backlog, which a
-resent copy of a command would only lengthen, so nothing is resent.
+interval (see :func:`participants.saga.on_timeout`). It is *busy* when
+``busy_waiting`` sagas or more wait on it while its answers keep coming: a
+backlog, which a resent copy of a command would only lengthen, so nothing is
+resent.
 
 The facts come from the orchestrator's own database (``walsaga.saga``'s
 ``waiting_on`` and ``step_started_at``, ``walsaga.saga_participant``'s last
@@ -45,11 +46,12 @@ def is_down(waiting: Waiting, *, min_waiting: int, silence_s: float) -> bool:
     return silent and waiting.overdue >= min_waiting
 
 
-def is_busy(waiting: Waiting, *, min_waiting: int, silence_s: float) -> bool:
-    """Whether the participant answers but has a backlog: many sagas have waited on it
-    longer than `silence_s` while its answers keep coming. Pure."""
+def is_busy(waiting: Waiting, *, busy_waiting: int, silence_s: float) -> bool:
+    """Whether the participant answers but has a backlog: at least `busy_waiting` sagas
+    wait on it while its answers keep coming (one within `silence_s`). A command
+    resent then would join the backlog its first copy is in. Pure."""
     answering = waiting.silent_s is not None and waiting.silent_s < silence_s
-    return answering and waiting.overdue >= min_waiting
+    return answering and waiting.sagas >= busy_waiting
 
 
 class Availability:
@@ -59,12 +61,14 @@ class Availability:
         self,
         *,
         min_waiting: int = 5,
+        busy_waiting: int = 20,
         silence_s: float = 15.0,
         refresh_s: float = 2.0,
         note_every_s: float = 1.0,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.min_waiting = min_waiting
+        self.busy_waiting = busy_waiting
         self.silence_s = silence_s
         self.refresh_s = refresh_s
         self.note_every_s = note_every_s
@@ -152,7 +156,7 @@ class Availability:
         self.busy = frozenset(
             w.topic
             for w in self.waiting.values()
-            if is_busy(w, min_waiting=self.min_waiting, silence_s=self.silence_s)
+            if is_busy(w, busy_waiting=self.busy_waiting, silence_s=self.silence_s)
         )
         if self._m_waiting is None:
             return

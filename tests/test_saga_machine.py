@@ -243,11 +243,12 @@ def test_down_and_busy_are_told_apart_by_whether_answers_keep_coming() -> None:
     from participants.availability import Waiting, is_busy, is_down
 
     rule = {"min_waiting": 5, "silence_s": 15.0}
+    busy_rule = {"busy_waiting": 20, "silence_s": 15.0}
     silent = Waiting("t", sagas=40, overdue=30, oldest_s=90, silent_s=60)
     answering = Waiting("t", sagas=40, overdue=30, oldest_s=90, silent_s=0.5)
     never = Waiting("t", sagas=40, overdue=30, oldest_s=90, silent_s=None)
     few = Waiting("t", sagas=4, overdue=4, oldest_s=90, silent_s=60)
-    assert is_down(silent, **rule) and not is_busy(silent, **rule)  # type: ignore[arg-type]
-    assert is_busy(answering, **rule) and not is_down(answering, **rule)  # type: ignore[arg-type]
+    assert is_down(silent, **rule) and not is_busy(silent, **busy_rule)  # type: ignore[arg-type]
+    assert is_busy(answering, **busy_rule) and not is_down(answering, **rule)  # type: ignore[arg-type]
     assert is_down(never, **rule)  # type: ignore[arg-type]
-    assert not is_down(few, **rule) and not is_busy(few, **rule)  # type: ignore[arg-type]
+    assert not is_down(few, **rule) and not is_busy(few, **busy_rule)  # type: ignore[arg-type]
