@@ -39,6 +39,10 @@ log = structlog.get_logger("walsaga.orchestrator")
 NOTIFY_CHANNEL = "walsaga_saga"
 
 _LOG_INSERT = "INSERT INTO walsaga.saga_log (saga_id, kind, step, detail) VALUES (%s, %s, %s, %s)"
+_LOG_INSERT_MANY = (
+    "INSERT INTO walsaga.saga_log (saga_id, kind, step, detail) "
+    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[])"
+)
 
 
 class _Writes:
@@ -51,8 +55,11 @@ class _Writes:
 
     def flush(self, conn: psycopg.Connection[Any]) -> None:
         with conn.pipeline(), conn.cursor() as cur:
-            if self.logs:
-                cur.executemany(_LOG_INSERT, self.logs)
+            if len(self.logs) == 1:
+                cur.execute(_LOG_INSERT, self.logs[0])
+            elif self.logs:  # one statement, however many entries
+                columns = [list(column) for column in zip(*self.logs, strict=True)]
+                cur.execute(_LOG_INSERT_MANY, columns)
             if self.commands:
                 cur.executemany(_PUBLISH, self.commands)
             for statement, params in self.statements:

@@ -49,12 +49,6 @@ if [ ! -x /usr/bin/chromium ]; then
     apt_install chromium chromium-driver
 fi
 
-# The saga benchmark drives the order service's HTTP API with wrk (a load
-# generator in C, so that generating orders costs the measured machine little).
-if ! command -v wrk >/dev/null 2>&1; then
-    apt_install wrk
-fi
-
 stamp="$VENV/.walsaga-installed"
 if [ ! -x "$VENV/bin/python" ]; then
     echo "setup: creating $VENV" >&2

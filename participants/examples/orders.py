@@ -93,11 +93,13 @@ def order_json(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _notify(conn: psycopg.Connection[Any], order_id: str, status: str) -> None:
-    conn.execute(
-        "SELECT pg_notify(%s, %s)",
-        (NOTIFY_CHANNEL, orjson.dumps({"id": order_id, "status": status}).decode()),
-    )
+def _notify(
+    conn: psycopg.Connection[Any], order_id: str, status: str, *, webhook: bool = False
+) -> None:
+    notice: dict[str, Any] = {"id": order_id, "status": status}
+    if webhook:  # the webhook sender wakes only for these
+        notice["webhook"] = True
+    conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, orjson.dumps(notice).decode()))
 
 
 def create_order(
@@ -147,12 +149,13 @@ def _settle(
         return False
     columns = ("id", "customer_id", "total", "status", "reason", "webhook_url")
     settled = dict(zip(columns, row, strict=True))
-    if settled["webhook_url"] is not None:
+    webhook = settled["webhook_url"] is not None
+    if webhook:
         conn.execute(
             "INSERT INTO webhook_deliveries (order_id, url, payload) VALUES (%s, %s, %s)",
             (order_id, settled["webhook_url"], Jsonb(order_json(settled))),
         )
-    _notify(conn, order_id, status)
+    _notify(conn, order_id, status, webhook=webhook)
     return True
 
 

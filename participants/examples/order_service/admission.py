@@ -29,6 +29,8 @@ from starlette.concurrency import run_in_threadpool
 
 log = structlog.get_logger("walsaga.order_service")
 
+#: How far back the settling rate looks, in seconds.
+_RATE_WINDOW_S = 5.0
 #: The longest and shortest Retry-After the service asks for, in seconds.
 RETRY_AFTER_MIN_S = 1
 RETRY_AFTER_MAX_S = 30
@@ -67,7 +69,7 @@ class Admission:
         self.pending = 0
         self._admitted = 0  # ever
         self._admitted_at_count = 0  # when the last count began
-        self._settled: deque[float] = deque(maxlen=4096)
+        self._settled: deque[float] = deque(maxlen=100_000)
         self.refused = 0
 
     def admitted(self) -> None:
@@ -79,8 +81,10 @@ class Admission:
 
     def backlog(self) -> Backlog:
         now = time.monotonic()
-        window = [t for t in self._settled if now - t <= 5.0]
-        rate = len(window) / 5.0
+        settled = self._settled
+        while settled and now - settled[0] > _RATE_WINDOW_S:  # oldest first: drop the stale
+            settled.popleft()
+        rate = len(settled) / _RATE_WINDOW_S
         # Orders admitted since the last count began may be in it or not:
         # counted again here, the estimate errs on the safe side.
         return Backlog(self.pending + self._admitted - self._admitted_at_count, rate)

@@ -36,6 +36,7 @@ class OrderNotices:
         self.closing = False
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._watchers: set[asyncio.Event] = set()
+        self._webhook_watchers: set[asyncio.Event] = set()
         #: Called for every notification (an order settled), in the event loop.
         self.listeners: list[Callable[[], None]] = []
 
@@ -54,10 +55,11 @@ class OrderNotices:
             if not waiters and self._waiters.get(order_id) is waiters:
                 del self._waiters[order_id]
 
-    def watch(self) -> asyncio.Event:
-        """An event set by every notification, whichever the order."""
+    def watch(self, *, webhooks_only: bool = False) -> asyncio.Event:
+        """An event set by every notification, whichever the order (`webhooks_only`:
+        by those of orders that queued a webhook call)."""
         event = asyncio.Event()
-        self._watchers.add(event)
+        (self._webhook_watchers if webhooks_only else self._watchers).add(event)
         return event
 
     @property
@@ -73,15 +75,19 @@ class OrderNotices:
         for waiters in self._waiters.values():
             for event in waiters:
                 event.set()
-        for event in self._watchers:
+        for event in self._watchers | self._webhook_watchers:
             event.set()
 
     def _dispatch(self, payload: str) -> None:
         try:
-            order_id = orjson.loads(payload)["id"]
+            notice = orjson.loads(payload)
+            order_id = notice["id"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.warning("unreadable order notification", payload=payload[:200])
             return
+        if notice.get("webhook"):
+            for event in self._webhook_watchers:
+                event.set()
         for listener in self.listeners:
             listener()
         for event in self._waiters.get(str(order_id), ()):

@@ -101,7 +101,10 @@ class OrderService:
         self.admission = Admission(self.pool, max_backlog=settings.max_backlog)
         self.notices.listeners.append(self.admission.settled)
         self.webhooks = WebhookSender(
-            self.pool, settings.webhook, wake=self.notices.watch(), calls=webhook_calls
+            self.pool,
+            settings.webhook,
+            wake=self.notices.watch(webhooks_only=True),
+            calls=webhook_calls,
         )
         self.directory = (
             CustomerDirectory(settings.customers_dsn) if settings.customers_dsn else None
