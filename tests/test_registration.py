@@ -156,6 +156,7 @@ def test_hundreds_of_registrations_under_faults_all_end_and_everyone_agrees(
             error_after_rate=0.05,
             timeout_rate=0.05,
             crash_rate=0.01,
+            crash_every=80,
             hang_s=2.0,
             max_request_s=3.0,
         )

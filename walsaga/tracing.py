@@ -124,7 +124,9 @@ def span(
         record_exception=True,
     ) as current:
         ids = current.get_span_context()
-        if not ids.is_valid:  # the API without an SDK: nothing is recorded
+        if not current.is_recording() or not ids.is_valid:
+            # The API without an SDK (its span has the parent's ids, or none), or
+            # a span sampled out: the hop still gets a span id of its own.
             yield new_span(parent)
             return
         yield TraceContext(

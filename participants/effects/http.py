@@ -29,6 +29,7 @@ from urllib.parse import quote, urlsplit
 import orjson
 
 from participants.effects.model import CallResult, Done, Effect, InDoubt, NotDone, Refused
+from walsaga import tracing
 
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)*)\}")
 _ONLY = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_-]+)*)\}$")
@@ -298,6 +299,7 @@ class HttpCall:
             return NotDone(f"cannot build the request: {e}")
         if self.idempotency_header:
             headers[self.idempotency_header] = effect.key
+        propagate_trace(effect, headers)
         try:
             answer = send(method, url, headers, body, timeout_s=timeout_s)
         except NotSentError as e:
@@ -305,6 +307,15 @@ class HttpCall:
         except SentError as e:
             return InDoubt(str(e), answered=False)
         return classify(answer, done=self.done, refusals=self.refusals)
+
+
+def propagate_trace(effect: Effect, headers: dict[str, str]) -> None:
+    """The effect's trace context as W3C headers of the request, unless the
+    template sets them: the provider's spans join the saga's trace."""
+    present = {name.lower() for name in headers}
+    for name in (tracing.TRACEPARENT, tracing.TRACESTATE):
+        if name in effect.headers and name not in present:
+            headers[name] = effect.headers[name]
 
 
 @dataclass(frozen=True)
@@ -321,6 +332,7 @@ class HttpLookup:
             method, url, headers, body = self.request.render(effect, self.variables)
         except TemplateError as e:
             return InDoubt(f"cannot build the lookup: {e}", answered=True)
+        propagate_trace(effect, headers)
         try:
             answer = send(method, url, headers, body, timeout_s=timeout_s)
         except (NotSentError, SentError) as e:

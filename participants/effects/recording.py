@@ -14,6 +14,8 @@ import psycopg
 from participants.effects.decision import Decision
 from participants.effects.model import DONE, FAILED, Effect, Refused, Target
 from participants.handlers import publish
+from participants.runtime import set_trace
+from walsaga import tracing
 
 
 def write_outcome(
@@ -21,6 +23,9 @@ def write_outcome(
 ) -> None:
     """The target's writes and the outcome event of an effect that ended."""
     headers = {**effect.headers, "effect_key": effect.key}
+    hop = tracing.from_headers(effect.headers)
+    if hop is not None:  # the target's own writes (capture triggers) carry it too
+        set_trace(conn, hop, cause=effect.headers.get("causation_id"))
     if decision.status == DONE:
         if target.on_done is not None:
             target.on_done(conn, effect, decision.result)

@@ -32,6 +32,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,6 +54,7 @@ from participants.effects.model import (
     Target,
 )
 from participants.effects.recording import write_outcome
+from walsaga import tracing
 from walsaga.errors import SetupError, from_psycopg
 from walsaga.retry import BackoffPolicy
 
@@ -226,7 +228,17 @@ class EffectWorker:
 
     def _perform(self, effect: Effect, was_sent: bool) -> None:
         try:
-            self._resolve_and_call(effect, was_sent)
+            parent = tracing.from_headers(effect.headers)
+            if parent is None:  # untraced: no trace starts here
+                self._resolve_and_call(effect, was_sent)
+                return
+            # The worker's attempt is a hop of its own in the step's trace: the
+            # call and the outcome event carry its span.
+            attributes = {"walsaga.effect.target": effect.target, "walsaga.effect.key": effect.key}
+            with tracing.span(
+                f"effect {effect.target}", parent, kind="client", attributes=attributes
+            ) as hop:
+                self._resolve_and_call(traced(effect, hop), was_sent)
         except psycopg.Error as e:
             # The lease runs out and another attempt picks the effect up; a
             # call that left is then resolved first.
@@ -348,6 +360,11 @@ class EffectWorker:
                 self.log.info("removed ended effects past retention", count=removed)
         except psycopg.Error as e:
             self.log.info("cannot trim ended effects", error=str(e))
+
+
+def traced(effect: Effect, hop: tracing.TraceContext) -> Effect:
+    """`effect` as the hop `hop` performs it: its call and outcome event carry `hop`."""
+    return replace(effect, headers={**effect.headers, **hop.headers()})
 
 
 def _age(effect: Effect) -> float:

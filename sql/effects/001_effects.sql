@@ -17,7 +17,8 @@ CREATE TABLE walsaga.effect (
     -- it is requested; sent to providers that deduplicate by a key of theirs.
     idempotency_key text        NOT NULL UNIQUE,
     payload         jsonb       NOT NULL DEFAULT '{}'::jsonb,
-    -- Headers the outcome event carries (saga_id, saga_type, causation_id).
+    -- Headers the outcome event carries (saga_id, saga_type, causation_id,
+    -- and the requesting transaction's traceparent and tracestate).
     headers         jsonb       NOT NULL DEFAULT '{}'::jsonb,
     -- The outcome event's aggregate id (its Kafka key).
     aggregate_id    text        NOT NULL,
@@ -50,6 +51,7 @@ COMMENT ON TABLE walsaga.effect IS
     'walsaga effects: calls outside the database, performed by walsaga effect workers';
 
 -- Request an effect in the caller's transaction; returns the request's id.
+-- The transaction's trace context (walsaga.traceparent) goes into its headers.
 -- A second request with the same idempotency key changes nothing and
 -- returns the first one's id. Workers are woken by NOTIFY walsaga_effect.
 CREATE FUNCTION walsaga.request_effect(
@@ -67,7 +69,7 @@ BEGIN
     INSERT INTO walsaga.effect AS e (target, idempotency_key, payload, headers, aggregate_id)
     VALUES (request_effect.target, request_effect.idempotency_key,
             coalesce(request_effect.payload, '{}'::jsonb),
-            coalesce(request_effect.headers, '{}'::jsonb),
+            walsaga.trace_headers() || coalesce(request_effect.headers, '{}'::jsonb),
             coalesce(request_effect.aggregate_id, request_effect.headers->>'saga_id',
                      request_effect.idempotency_key))
     ON CONFLICT ON CONSTRAINT effect_idempotency_key_key DO NOTHING

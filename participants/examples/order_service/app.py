@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from participants.examples.order_service.api import PENDING, ApiError, parse_new_order, parse_wait
 from participants.examples.order_service.service import OrderService, OrderServiceSettings
+from walsaga import tracing
 
 log = structlog.get_logger("walsaga.order_service")
 
@@ -53,7 +54,11 @@ def create_app(
                     f"no customer {new.customer_id!r}",
                     [{"field": "customer_id", "problem": "unknown customer"}],
                 )
-        order = await service.create(new)
+        parent = tracing.parse(
+            request.headers.get(tracing.TRACEPARENT), request.headers.get(tracing.TRACESTATE)
+        )
+        with tracing.span("POST /orders", parent, kind="server") as trace:
+            order = await service.create(new, trace=trace)
         location = {"Location": f"/orders/{order['id']}"}
         if wait_s is not None:
             order = await service.wait_settled(order["id"], wait_s) or order

@@ -29,6 +29,7 @@ from participants.examples.order_service.webhooks import WebhookPolicy, WebhookS
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
 from walsaga.errors import SetupError
+from walsaga.tracing import TraceContext
 
 log = structlog.get_logger("walsaga.order_service")
 
@@ -230,7 +231,8 @@ class OrderService:
 
     # -- orders --------------------------------------------------------------------
 
-    async def create(self, new: NewOrder) -> dict[str, Any]:
+    async def create(self, new: NewOrder, *, trace: TraceContext | None = None) -> dict[str, Any]:
+        """Insert the order and start its saga; every event of it carries `trace` when given."""
         order_id = str(uuid.uuid4())
 
         def insert() -> None:
@@ -243,6 +245,7 @@ class OrderService:
                     orchestrator=self.orchestrator,
                     webhook_url=str(new.webhook_url) if new.webhook_url is not None else None,
                     order_id=order_id,
+                    trace=trace,
                 )
 
         await run_in_threadpool(insert)

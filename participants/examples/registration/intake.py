@@ -29,8 +29,9 @@ import psycopg
 from participants.examples.registration import saga
 from participants.handlers import publish
 from participants.orchestrator import Orchestrator, saga_status
-from participants.runtime import Participant
-from walsaga import schema
+from participants.runtime import Participant, set_trace
+from walsaga import schema, tracing
+from walsaga.tracing import TraceContext
 
 LOCALES = ("en", "pt", "de")
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[a-z]{2,}$")
@@ -85,12 +86,19 @@ def submit(
     *,
     orchestrator: Orchestrator,
     registration_id: str | None = None,
+    trace: TraceContext | None = None,
 ) -> tuple[str, Verdict]:
-    """Check `submission` and write its outcome, in one transaction of its own."""
+    """Check `submission` and write its outcome, in one transaction of its own.
+
+    With `trace` (the request's trace context), every event of the saga carries
+    that trace.
+    """
     registration_id = registration_id or str(uuid.uuid4())
     verdict = check(submission)
     headers = {"saga_id": registration_id, "saga_type": saga.NAME}
     with conn.transaction():
+        if trace is not None:
+            set_trace(conn, trace)
         if verdict.registration is None:
             body = {"registration_id": registration_id, "status": "REFUSED",
                     "reasons": verdict.reasons}  # fmt: skip
@@ -99,7 +107,7 @@ def submit(
             data = {"registration_id": registration_id, **verdict.registration}
             publish(conn, saga.EVENTS, registration_id, "RegistrationAccepted", data, headers)
             definition = next(iter(orchestrator.definitions))
-            orchestrator.start(conn, definition, registration_id, data)
+            orchestrator.start(conn, definition, registration_id, data, trace=trace)
     return registration_id, verdict
 
 
@@ -161,9 +169,9 @@ def create_app(dsn: str, runner: Orchestrator, *, max_wait_s: float = 60.0) -> A
 
     pool = ConnectionPool(dsn, min_size=1, max_size=8, open=False)
 
-    def _submit(body: Any) -> tuple[str, Verdict]:
+    def _submit(body: Any, trace: TraceContext) -> tuple[str, Verdict]:
         with pool.connection() as conn:
-            return submit(conn, body, orchestrator=runner)
+            return submit(conn, body, orchestrator=runner, trace=trace)
 
     def _status(registration_id: str) -> dict[str, Any] | None:
         with pool.connection() as conn:
@@ -174,7 +182,11 @@ def create_app(dsn: str, runner: Orchestrator, *, max_wait_s: float = 60.0) -> A
             body = await request.json()
         except ValueError:
             body = None
-        registration_id, verdict = await run_in_threadpool(_submit, body)
+        parent = tracing.parse(
+            request.headers.get(tracing.TRACEPARENT), request.headers.get(tracing.TRACESTATE)
+        )
+        with tracing.span("POST /registrations", parent, kind="server") as trace:
+            registration_id, verdict = await run_in_threadpool(_submit, body, trace)
         if not verdict.accepted:
             answer = {"id": registration_id, "status": "REFUSED", "reasons": verdict.reasons}
             return JSONResponse(answer, status_code=422)

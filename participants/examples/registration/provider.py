@@ -18,13 +18,16 @@ Faults (each a rate between 0 and 1, drawn per request): ``error_rate``
 answers 500 and does nothing; ``error_after_rate`` creates or deletes, then
 answers 500; ``timeout_rate`` does it, then answers only after ``hang_s``;
 ``crash_rate`` does it, then the process exits at once (run it under a
-supervisor); ``delay_s`` makes every request slow before it is handled.
+supervisor), as does ``crash_every`` = N on every Nth create or delete it
+does (not a rate: a crash a test can count on); ``delay_s`` makes every
+request slow before it is handled.
 The provider's promise, which lookups rely on: a request not finished
 within ``max_request_s`` of its arrival is abandoned (503), never done later.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import sqlite3
@@ -67,6 +70,7 @@ class Faults:
     error_after_rate: float = 0.0
     timeout_rate: float = 0.0
     crash_rate: float = 0.0
+    crash_every: float = 0.0
     delay_s: float = 0.0
     hang_s: float = 30.0
     max_request_s: float = 10.0
@@ -151,6 +155,7 @@ def create_app(users: Users, faults: Faults | None = None, *, seed: int | None =
     faults = faults or Faults()
     rng = random.Random(seed)
     rng_lock = threading.Lock()
+    done = itertools.count(1)
 
     def draw(rate: float) -> bool:
         with rng_lock:
@@ -170,6 +175,11 @@ def create_app(users: Users, faults: Faults | None = None, *, seed: int | None =
         """The faults that strike once it is done, before the answer."""
         if draw(faults.crash_rate):
             os._exit(CRASH_EXIT)
+        if faults.crash_every >= 1:
+            with rng_lock:
+                nth = next(done)
+            if nth % int(faults.crash_every) == 0:
+                os._exit(CRASH_EXIT)
         if draw(faults.error_after_rate):
             return _error(500, "internal", "something went wrong after the change")
         if draw(faults.timeout_rate):
