@@ -24,7 +24,7 @@ CONSUMER_DEFAULTS: dict[str, Any] = {
     "auto.commit.interval.ms": 500,
     "session.timeout.ms": 6000,
     "heartbeat.interval.ms": 1000,
-    "fetch.wait.max.ms": 10,
+    "fetch.wait.max.ms": 20,
     "partition.assignment.strategy": "cooperative-sticky",
 }
 

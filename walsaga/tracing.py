@@ -80,12 +80,32 @@ def new_span(parent: TraceContext | None) -> TraceContext:
     return TraceContext(parent.trace_id, secrets.token_hex(8), parent.flags, parent.state)
 
 
+#: OpenTelemetry's ``trace`` module once imported, False when it is not installed.
+_otel: Any = None
+#: walsaga's tracer, once the application has configured a tracer provider.
+_walsaga_tracer: Any = None
+
+
 def _tracer() -> Any:
-    try:
-        from opentelemetry import trace
-    except ImportError:
+    """walsaga's tracer; None while no tracer provider is configured (the API
+    alone records nothing, and a hop then costs only its random ids)."""
+    global _otel, _walsaga_tracer
+    if _walsaga_tracer is not None:
+        return _walsaga_tracer
+    if _otel is None:
+        try:
+            from opentelemetry import trace
+        except ImportError:
+            _otel = False
+        else:
+            _otel = trace
+    if _otel is False:
         return None
-    return trace.get_tracer("walsaga")
+    provider = _otel.get_tracer_provider()
+    if isinstance(provider, (_otel.ProxyTracerProvider, _otel.NoOpTracerProvider)):
+        return None  # asked again next time: the application may set one later
+    _walsaga_tracer = provider.get_tracer("walsaga")
+    return _walsaga_tracer
 
 
 @contextlib.contextmanager
