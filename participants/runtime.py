@@ -495,7 +495,13 @@ class Participant:
             """,
             (self.name, [m.dedupe_key for m in messages]),
         ).fetchall()
-        return {r[0] for r in rows}
+        fresh = {r[0] for r in rows}
+        self._claimed(messages, fresh)
+        return fresh
+
+    def _claimed(self, messages: Sequence[Message], fresh: set[str]) -> None:
+        """Called in the transaction once `messages` are claimed, `fresh` the dedupe
+        keys that were new: every claim, the batch's and a lone record's, comes here."""
 
     def _handle_lone(self, conn: psycopg.Connection[Any], message: Message) -> Outcome:
         """The only record of its transaction: claimed, with its trace context set,
@@ -524,6 +530,7 @@ class Participant:
                 """,
                 (hop.traceparent, hop.state or "", message.id, self.name, message.dedupe_key),
             ).fetchone()
+            self._claimed((message,), {claimed[0]} if claimed is not None else set())
             if claimed is None:
                 return Outcome.DUPLICATE
             return self._handle_one(conn, message, False, hop, lone=True)

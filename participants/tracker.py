@@ -168,8 +168,7 @@ class TrackerParticipant(Participant):
         ]
         return super().handle(tracked)
 
-    def _claim(self, conn: psycopg.Connection[Any], messages: Sequence[Message]) -> set[str]:
-        fresh = super()._claim(conn, messages)
+    def _claimed(self, messages: Sequence[Message], fresh: set[str]) -> None:
         seen: set[str] = set()
         todo = []
         for m in messages:
@@ -177,7 +176,6 @@ class TrackerParticipant(Participant):
                 seen.add(m.dedupe_key)
                 todo.append(m)
         self._batch.todo = todo
-        return fresh
 
     def take_fresh(self) -> list[Message]:
         """The records of this thread's transaction not recorded yet (then none)."""

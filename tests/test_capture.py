@@ -319,8 +319,7 @@ def test_a_message_mode_trigger_captures_the_right_row_and_its_headers() -> None
     assert 'IF OLD."id" IS NULL THEN' in deleted
     assert "NEW." not in deleted
     assert (
-        "|| pg_catalog.jsonb_build_object('saga', OLD.\"customer_id\"::pg_catalog.text))"
-        in deleted
+        "|| pg_catalog.jsonb_build_object('saga', OLD.\"customer_id\"::pg_catalog.text))" in deleted
     )
     assert "pg_catalog.to_json(NEW)" in capture(text, "insert").function_sql()
 

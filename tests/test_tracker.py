@@ -218,6 +218,33 @@ def test_a_choreography_is_tracked_end_to_end_and_repeats_change_no_timeline(
 
 
 @pytest.mark.slow
+def test_a_traced_record_that_arrives_alone_is_recorded_with_its_trace(
+    tmp_path: Path, make_database: Any, broker: str
+) -> None:
+    # A record alone in its batch is claimed and its trace set in one statement:
+    # the tracker must record it all the same (a registration refused at intake
+    # has that one record and nothing else to show it by).
+    tracker_dsn = make_database("tracker")
+    config = tracker_toml(tmp_path / "tracker.toml", dsn=tracker_dsn, broker=broker,
+                          topics=["order"], sagas=[ORDER_SAGA])  # fmt: skip
+    producer = Producer({"bootstrap.servers": broker})
+    with running_tracker(config):
+        for _ in range(3):
+            saga, trace = str(uuid.uuid4()), uuid.uuid4().hex
+            parent = f"00-{trace}-{uuid.uuid4().hex[:16]}-01"
+            headers = [("id", str(uuid.uuid4()).encode()), ("type", b"OrderCreated"),
+                       ("saga_id", saga.encode()), ("traceparent", parent.encode())]  # fmt: skip
+            producer.produce("order", b"{}", saga.encode(), headers=headers)
+            assert producer.flush(30) == 0
+            wait_until(lambda saga=saga: tracked(tracker_dsn, saga), timeout_s=30,  # type: ignore[misc]
+                       what="the lone record recorded")  # fmt: skip
+            with psycopg.connect(tracker_dsn) as conn:
+                shown = conn.execute("SELECT trace_id, last_type, status FROM walsaga.tracked_saga "
+                                     "WHERE id = %s", (saga,)).fetchone()  # fmt: skip
+            assert shown == (trace, "OrderCreated", "RUNNING")
+
+
+@pytest.mark.slow
 def test_a_choreography_whose_reply_never_comes_is_stuck_after_its_deadline(
     tmp_path: Path, make_database: Any, broker: str
 ) -> None:
