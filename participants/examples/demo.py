@@ -1,32 +1,38 @@
 """``walsaga demo``: the whole system on this machine, a batch of sagas, a summary.
 
 Starts one local Postgres cluster per service (orders, customers, flight,
-hotel, car, trip), the embedded Kafka-protocol broker, one relay for all six
-databases and every service as a process of its own; then runs orders (some
-approved, some refused for credit) and trips (some compensated), prints what
-happened, and stops everything — or, with ``--serve``, keeps it running until
-Ctrl-C. Data lives in one directory (default ``.walsaga/demo``) that can be
-deleted at any time the demo is not running. As root, Postgres runs as the
-``postgres`` user; when that user cannot enter the directory (a clone in
-root's home, mode 700), the clusters go to ``/var/tmp/walsaga-demo-<hash>``
-instead and logs, pids and the relay's config stay in the directory.
+hotel, car, trip, and the registration example's intake, identity and
+notifier), the embedded Kafka-protocol broker, one relay for all nine
+databases, every service as a process of its own, the identity provider and
+the mail server the registrations talk to, and the saga tracker and the web
+console that show every saga; then runs orders (some approved, some refused
+for credit), trips (some compensated) and user registrations (registered,
+refused, compensated), prints what happened, and stops everything — or, with
+``--serve``, keeps it running until Ctrl-C. Data lives in one directory
+(default ``.walsaga/demo``) that can be deleted at any time the demo is not
+running. As root, Postgres runs as the ``postgres`` user; when that user
+cannot enter the directory (a clone in root's home, mode 700), the clusters go
+to ``/var/tmp/walsaga-demo-<hash>`` instead and logs, pids and the configs
+stay in the directory.
 
-A stop goes in dependency order: the services, then the relay, then the
-broker, then Postgres, each asked first (SIGTERM; Postgres a fast shutdown)
-and killed if still there after its grace; a second Ctrl-C kills what is left
-at once. ``pids.json`` records each process so that it can be recognised later
-(its start time, not just its pid): a demo killed outright leaves processes
-running, and the next run in the same directory stops them first.
+A stop goes in dependency order: the services (the tracker, the console, the
+identity provider and the mail server with them), then the relay, then the
+broker, then Postgres, each asked first and killed if still there after its
+grace; a second Ctrl-C kills what is left at once. ``pids.json`` records each
+process so that it can be recognised later: a demo killed outright leaves
+processes running, and the next run in the same directory stops them first
+(:mod:`participants.examples.processes`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import json
+import math
 import os
 import random
+import secrets
 import shutil
 import signal
 import stat
@@ -40,7 +46,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import psycopg
@@ -48,19 +54,44 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from participants.examples import customers, orders, travel
+from participants import tracker_store
+from participants.examples import customers, demo_registrations, orders, travel
+from participants.examples.demo_registrations import Agreement, Registrations
 from participants.examples.embedded import (
     EmbeddedBroker,
     LocalPostgres,
     free_port,
     postgres_can_reach,
 )
+from participants.examples.operations import tracker_config
+from participants.examples.processes import (
+    Child,
+    ProcessRecord,
+    Recorded,
+    Stoppable,
+    earlier_processes,
+    stop_in_order,
+)
+from participants.examples.registration import identity, intake, notifier
 from participants.examples.travel import TripRequest, book_trip, trip_status
 from walsaga.cli import EXIT_ERROR
 from walsaga.config import write_toml
 from walsaga.errors import SetupError, from_psycopg
 
-SERVICES = ("orders", "customers", "flight", "hotel", "car", "trip")
+SERVICES = (
+    "orders", "customers", "flight", "hotel", "car", "trip", "intake", "identity", "notifier"
+)  # fmt: skip
+#: What the registrations talk to outside any database, started with the services.
+OUTSIDE_WORLD = ("identity-provider", "mail-server")
+#: What shows the sagas: the tracker follows them, the console draws them.
+OPERATIONS = ("tracker", "console")
+#: The variable that hands the console its operator token (not its command line,
+#: which anyone on the machine can read).
+OPERATOR_TOKEN_ENV = "WALSAGA_DEMO_OPERATOR_TOKEN"  # noqa: S105 (a variable's name)
+#: How each kind of saga ends, as the tracker shows it (orders in either mode).
+ORDER_SAGA_STATUS = {"APPROVED": "COMPLETED", "REJECTED": "COMPENSATED"}
+#: The longest the summary waits for the tracker to have seen every saga end.
+TRACKER_CATCH_UP_S = 60.0
 
 CREDIT = {"alice": 500.0, "bob": 250.0, "carol": 1000.0, "dave": 120.0, "erin": 800.0}
 FLIGHTS = {"LIS-BER": 30, "LIS-NYC": 12, "LIS-TYO": 4}
@@ -71,12 +102,6 @@ ROUTES = [
     ("LIS-NYC", "nyc-soho", "NYC-suv"),
     ("LIS-TYO", "tokyo-ginza", "TYO-kei"),
 ]
-
-#: How long each stage of a stop may take before what is left of it is killed:
-#: the services and the relay stop within 5 s by themselves (their
-#: --shutdown-timeout, [relay] shutdown_timeout_s), the broker and Postgres
-#: within moments.
-STOP_GRACE_S = {"services": 7.0, "relay": 7.0, "broker": 2.0, "Postgres": 5.0}
 
 #: Where the clusters go when the Postgres user cannot enter the demo's directory:
 #: kept across reboots, for --keep. World-writable, hence _own_directory's checks.
@@ -107,188 +132,7 @@ class DemoOptions:
     serve: bool = False
     port: int = 8080
     fresh: bool = False
-
-
-@dataclass(frozen=True)
-class ProcessRecord:
-    """A process the demo started, as ``pids.json`` keeps it: enough to tell later
-    whether that pid is still the same process. A pid alone is not: once the
-    process is gone the kernel may give it to any other, so the record keeps
-    the boot, the start time (clock ticks since boot) and the command line."""
-
-    name: str
-    pid: int
-    boot: str
-    started: int
-    cmdline: tuple[str, ...]
-
-    @classmethod
-    def of(cls, name: str, pid: int) -> ProcessRecord | None:
-        """The record of the running process `pid` (None if there is none)."""
-        seen = _proc_status(pid)
-        if seen is None:
-            return None
-        _, started, cmdline = seen
-        return cls(name, pid, _boot_id(), started, cmdline)
-
-    def is_running(self) -> bool:
-        """Whether this very process still runs (not another one that has its pid now)."""
-        seen = _proc_status(self.pid)
-        if seen is None or self.boot != _boot_id():
-            return False
-        state, started, cmdline = seen
-        # A process may rewrite its arguments (its title), not its executable.
-        same_program = cmdline[:1] == self.cmdline[:1]
-        return state != "Z" and started == self.started and same_program
-
-    def pid_in_use(self) -> bool:
-        return _proc_status(self.pid) is not None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "boot": self.boot,
-            "started": self.started,
-            "cmdline": list(self.cmdline),
-        }
-
-    @classmethod
-    def from_json(cls, name: str, data: Any) -> ProcessRecord | None:
-        """The record as ``pids.json`` keeps it; None for an entry it cannot read
-        (older demos recorded bare pids)."""
-        try:
-            return cls(
-                name,
-                int(data["pid"]),
-                str(data["boot"]),
-                int(data["started"]),
-                tuple(str(a) for a in data["cmdline"]),
-            )
-        except (TypeError, KeyError, ValueError):
-            return None
-
-
-def _proc_status(pid: int) -> tuple[str, int, tuple[str, ...]] | None:
-    """A process's state letter, start time and arguments, from /proc."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    # The command name in parentheses may hold spaces: fields start after it.
-    fields = stat.rpartition(")")[2].split()
-    args = tuple(a.decode(errors="replace") for a in cmdline.split(b"\0") if a)
-    return fields[0], int(fields[19]), args
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-class _Stoppable(Protocol):
-    @property
-    def name(self) -> str: ...
-
-    def alive(self) -> bool: ...
-
-    def send(self, signum: int) -> None: ...
-
-
-@dataclass
-class _Child:
-    """A process this demo started itself (and reaps)."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def send(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(signum)
-
-
-@dataclass
-class _Recorded:
-    """A process known by its record only: a Postgres server (pg_ctl started it),
-    or what an earlier demo left. Signalled only while it is still that process."""
-
-    record: ProcessRecord
-
-    @property
-    def name(self) -> str:
-        return self.record.name
-
-    def alive(self) -> bool:
-        return self.record.is_running()
-
-    def send(self, signum: int) -> None:
-        if self.record.is_running():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.record.pid, signum)
-
-
-def _stage(name: str) -> str:
-    """Which stage of a stop the process `name` belongs to."""
-    if name == "relay":
-        return "relay"
-    if name == "broker":
-        return "broker"
-    if name.startswith("postgres-"):
-        return "Postgres"
-    return "services"
-
-
-def stop_in_order(processes: Sequence[_Stoppable], *, hurry: threading.Event) -> list[str]:
-    """Stop `processes` stage by stage (services, relay, broker, Postgres): each is
-    asked to stop (SIGTERM; a fast shutdown for Postgres) and killed if it is still
-    there after its stage's grace, or at once when `hurry` is set. Returns the
-    names of those that had to be killed."""
-    killed: list[str] = []
-    for stage, grace_s in STOP_GRACE_S.items():
-        live = [p for p in processes if _stage(p.name) == stage and p.alive()]
-        for proc in live:
-            proc.send(signal.SIGINT if stage == "Postgres" else signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        while any(p.alive() for p in live) and time.monotonic() < deadline:
-            if hurry.wait(0.02):
-                break
-        stubborn = [p for p in live if p.alive()]
-        for proc in stubborn:
-            proc.send(signal.SIGKILL)
-            killed.append(proc.name)
-        deadline = time.monotonic() + 5
-        while any(p.alive() for p in stubborn) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    return killed
-
-
-def earlier_processes(pids_file: Path) -> tuple[list[ProcessRecord], list[str]]:
-    """What the demo that wrote `pids_file` left running, and a note for each pid
-    it recorded that another process has now (those are left alone)."""
-    try:
-        recorded = json.loads(pids_file.read_text())
-    except (OSError, ValueError):
-        return [], []
-    if not isinstance(recorded, dict):
-        return [], []
-    running: list[ProcessRecord] = []
-    notes: list[str] = []
-    for name, data in recorded.items():
-        record = ProcessRecord.from_json(name, data)
-        if record is None:
-            if isinstance(data, int) and _proc_status(data) is not None:
-                notes.append(f"pid {data} ({name} of an older demo) cannot be checked: left alone")
-            continue
-        if record.is_running():
-            running.append(record)
-        elif record.pid_in_use():
-            notes.append(f"pid {record.pid} (was the {name}) is another process now: left alone")
-    return running, notes
+    registrations: int = 30
 
 
 @dataclass
@@ -298,13 +142,16 @@ class _Stack:
     clusters: dict[str, LocalPostgres] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
-    http_ports: dict[str, int] = field(default_factory=dict)
+    #: Every port the demo handed out, by what listens there.
+    ports: dict[str, int] = field(default_factory=dict)
+    #: Each process's ports whose ``/healthz`` must answer before the batch starts.
+    health: dict[str, list[int]] = field(default_factory=dict)
 
-    def _stoppable(self) -> list[_Stoppable]:
-        found: list[_Stoppable] = [_Child(name, p) for name, p in self.processes.items()]
+    def _stoppable(self) -> list[Stoppable]:
+        found: list[Stoppable] = [Child(name, p) for name, p in self.processes.items()]
         if self.broker is not None and self.broker.process is not None:
-            found.append(_Child("broker", self.broker.process))
-        found.extend(_Recorded(record) for record in self._servers().values())
+            found.append(Child("broker", self.broker.process))
+        found.extend(Recorded(record) for record in self._servers().values())
         return found
 
     def _servers(self) -> dict[str, ProcessRecord]:
@@ -339,7 +186,11 @@ class Demo:
         self.console = console or Console()
         self.clusters_dir = self.dir / "postgres"
         self.stack = _Stack()
+        #: The services' databases, by the relay's names for them.
         self.dsn: dict[str, str] = {}
+        #: The saga tracker's database (beside orders'; no relay reads it).
+        self.tracker_dsn = ""
+        self.operator_token = secrets.token_urlsafe(24)
         self.stopping = threading.Event()
         #: Set by a signal during the stop: kill what is left at once.
         self.hurry = threading.Event()
@@ -374,7 +225,7 @@ class Demo:
                 self.console.print("\n[bold]Serving[/bold]: press Ctrl-C to stop everything.")
                 while not self.stopping.wait(0.5):
                     self._check_alive()
-            return 0 if outcome["failed_sagas"] == 0 else 1
+            return 0 if _all_well(outcome) else 1
         except KeyboardInterrupt:
             self.console.print("\ninterrupted")
             return 130
@@ -441,7 +292,7 @@ class Demo:
             + "; stopping them first"
         )
         with self.console.status("stopping what the earlier demo left ..."):
-            killed = stop_in_order([_Recorded(r) for r in running], hurry=self.hurry)
+            killed = stop_in_order([Recorded(r) for r in running], hurry=self.hurry)
         # Only now: a stop cut short keeps the earlier records for the next run.
         self._owns_pids = True
         if killed:
@@ -468,6 +319,7 @@ class Demo:
             # holds other things too.
             shutil.rmtree(self.dir / "postgres", ignore_errors=True)
             shutil.rmtree(self.dir / "logs", ignore_errors=True)
+            shutil.rmtree(self.dir / "registration", ignore_errors=True)
             _remove_own_directory(outside)
         (self.dir / "logs").mkdir(exist_ok=True)
         if not postgres_can_reach(self.dir):
@@ -488,6 +340,7 @@ class Demo:
             self._write_pids()
             for name, cluster in clusters.items():
                 self.dsn[name] = cluster.create_database(name)
+            self.tracker_dsn = clusters["orders"].create_database("tracker")
         self.console.print(
             f"[green]✓[/green] Postgres: {len(clusters)} clusters in {self.clusters_dir} "
             f"(ports {', '.join(str(c.port) for c in clusters.values())})"
@@ -504,12 +357,21 @@ class Demo:
         with self.console.status("deploying schemas and capture specs ..."):
             self._install()
         self.console.print("[green]✓[/green] schemas, capture triggers and demo data deployed")
-        with self.console.status("starting the relay and the services ..."):
-            self._start_processes(bootstrap)
+        with self.console.status("starting the relay, the services, the tracker, the console ..."):
+            self._start_outside_world()
+            self._start_services(bootstrap)
+            self._start_operations(bootstrap)
             self._write_pids()
             self._wait_healthy()
+        ports = self.stack.ports
+        services = [n for n in self.stack.processes if n not in (*OUTSIDE_WORLD, *OPERATIONS)]
+        self.console.print("[green]✓[/green] relay and services up: " + ", ".join(services))
         self.console.print(
-            "[green]✓[/green] relay and services up: " + ", ".join(self.stack.processes)
+            f"[green]✓[/green] identity provider http://127.0.0.1:{ports['identity-provider']}, "
+            f"mail server smtp://127.0.0.1:{ports['smtp']} (what the registrations talk to)"
+        )
+        self.console.print(
+            f"[green]✓[/green] saga tracker and console up: http://127.0.0.1:{ports['console']}/"
         )
 
     def _install(self) -> None:
@@ -531,11 +393,27 @@ class Demo:
             travel.car.install(conn, CARS)
         with psycopg.connect(self.dsn["trip"]) as conn:
             travel.trip.install(conn)
+        with psycopg.connect(self.dsn["intake"]) as conn:
+            intake.install(conn)
+        with psycopg.connect(self.dsn["identity"]) as conn:
+            identity.install(conn)
+        with psycopg.connect(self.dsn["notifier"]) as conn:
+            notifier.install(conn)
 
     def _log(self, name: str) -> Path:
         return self.dir / "logs" / f"{name}.log"
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+    def _spawn(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        *,
+        health: Sequence[str] = (),
+    ) -> None:
+        """Start ``walsaga <args>`` as `name`, logging to logs/<name>.log; `health`
+        names the ports (in ``ports``) whose ``/healthz`` says it is up."""
+        self.stack.health[name] = [self.stack.ports[port] for port in health]
         walsaga = str(Path(sys.executable).parent / "walsaga")
         log = self._log(name).open("ab")
         self.stack.processes[name] = subprocess.Popen(
@@ -548,8 +426,9 @@ class Demo:
         )
         log.close()
 
-    def _start_processes(self, bootstrap: str) -> None:
-        ports = self.stack.http_ports
+    def _start_services(self, bootstrap: str) -> None:
+        """The relay over every database, and each service (with its consumer)."""
+        ports = self.stack.ports
         ports["relay"] = free_port()
         config = write_toml(
             self.dir / "relay.toml",
@@ -559,7 +438,7 @@ class Demo:
                 "source": [{"name": name, "dsn": dsn} for name, dsn in self.dsn.items()],
             },
         )
-        self._spawn("relay", ["relay", "--config", str(config)])
+        self._spawn("relay", ["relay", "--config", str(config)], health=["relay"])
         ports["customer-service"] = free_port()
         self._spawn(
             "customer-service",
@@ -570,6 +449,7 @@ class Demo:
                 "WALSAGA_PARTICIPANT__HTTP_PORT": str(ports["customer-service"]),
                 "WALSAGA_PARTICIPANT__HTTP_HOST": "127.0.0.1",
             },
+            health=["customer-service"],
         )
         ports["order-service"] = self.options.port or free_port()
         self._spawn(
@@ -587,11 +467,13 @@ class Demo:
                 "--customers-dsn",
                 self.dsn["customers"],
             ],
+            health=["order-service"],
         )
         for service in ("flight", "hotel", "car", "trip"):
-            ports[f"{service}-service"] = free_port()
+            name = f"{service}-service"
+            ports[name] = free_port()
             self._spawn(
-                f"{service}-service",
+                name,
                 [
                     "travel-service",
                     "--service",
@@ -601,22 +483,105 @@ class Demo:
                     "--bootstrap-servers",
                     bootstrap,
                     "--http-port",
-                    str(ports[f"{service}-service"]),
+                    str(ports[name]),
                 ],
+                health=[name],
             )
+        # The registration example: intake's API and consumer, identity and the
+        # notifier each with its effect worker beside its consumer.
+        for name in ("intake-api", "intake-service", "identity-service", "notifier-service"):
+            ports[name] = free_port()
+        served = {"--bootstrap-servers": bootstrap}
+        self._registration_service(
+            "intake-service",
+            {**served, "--dsn": self.dsn["intake"], "--port": str(ports["intake-api"])},
+            health=["intake-api", "intake-service"],
+        )
+        self._registration_service(
+            "identity-service",
+            {
+                **served,
+                "--dsn": self.dsn["identity"],
+                "--provider-url": f"http://127.0.0.1:{ports['identity-provider']}",
+            },
+            health=["identity-service"],
+        )
+        self._registration_service(
+            "notifier-service",
+            {
+                **served,
+                "--dsn": self.dsn["notifier"],
+                "--smtp-port": str(ports["smtp"]),
+                "--mail-archive": f"http://127.0.0.1:{ports['mail-server']}",
+            },
+            health=["notifier-service"],
+        )
+
+    def _start_outside_world(self) -> None:
+        """The identity provider and the mail server (users and mail in DIR/registration)."""
+        ports = self.stack.ports
+        for name in ("identity-provider", "smtp", "mail-server"):
+            ports[name] = free_port()
+        data = str(self.dir / "registration")
+        self._registration_service(
+            "identity-provider",
+            {"--port": str(ports["identity-provider"]), "--data": data},
+            health=["identity-provider"],
+        )
+        self._registration_service(
+            "mail-server",
+            {"--smtp-port": str(ports["smtp"]), "--port": str(ports["mail-server"]),
+             "--data": data},
+            health=["mail-server"],
+        )  # fmt: skip
+
+    def _registration_service(
+        self, name: str, options: dict[str, str], *, health: Sequence[str]
+    ) -> None:
+        service = name.removesuffix("-service")
+        args = ["registration-service", "--service", service]
+        for option, value in options.items():
+            args += [option, value]
+        if name.endswith("-service"):
+            # The consumer's /healthz and /metrics (intake's API has a port of its own).
+            args += ["--http-port", str(self.stack.ports[name])]
+        self._spawn(name, args, health=health)
+
+    def _start_operations(self, bootstrap: str) -> None:
+        """The saga tracker, following every example saga, and the console over it."""
+        ports = self.stack.ports
+        ports["tracker"] = free_port()
+        ports["console"] = free_port()
+        config = tracker_config(
+            self.dir / "tracker.toml",
+            tracker_dsn=self.tracker_dsn,
+            dsns=self.dsn,
+            bootstrap_servers=bootstrap,
+            relay_urls=[f"http://127.0.0.1:{ports['relay']}/healthz"],
+            http_port=ports["tracker"],
+            console_port=ports["console"],
+        )
+        self._spawn("tracker", ["tracker", "--config", str(config)], health=["tracker"])
+        self._spawn(
+            "console",
+            ["console", "--config", str(config), "--port", str(ports["console"]),
+             "--operator-token-env", OPERATOR_TOKEN_ENV],
+            {OPERATOR_TOKEN_ENV: self.operator_token},
+            health=["console"],
+        )  # fmt: skip
 
     def _wait_healthy(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
-        waiting = dict(self.stack.http_ports)
+        waiting = {(name, port) for name, ports in self.stack.health.items() for port in ports}
         while waiting:
             self._check_alive()
-            for name, port in list(waiting.items()):
+            for name, port in list(waiting):
                 if _get_json(f"http://127.0.0.1:{port}/healthz") is not None:
-                    del waiting[name]
+                    waiting.discard((name, port))
             if not waiting:
                 return
             if time.monotonic() > deadline:
-                logs = {name: self._log(name) for name in waiting}
+                logs = {name: self._log(name) for name, _ in sorted(waiting)}
                 raise DemoProcessError(
                     f"not healthy after {timeout_s:.0f}s: "
                     + ", ".join(f"{name} (log: {log})" for name, log in logs.items()),
@@ -658,7 +623,14 @@ class Demo:
                     rooms=1,
                 )
             )
-        results: dict[str, Any] = {"orders": [], "trips": []}
+        signups = demo_registrations.batch(self.options.registrations, secrets.token_hex(3))
+        registrations = self._registrations()
+        try:
+            registrations.take(signups.taken)
+        except httpx.HTTPError:
+            self._check_alive()
+            raise
+        results: dict[str, Any] = {"orders": [], "trips": [], "registrations": []}
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -666,12 +638,21 @@ class Demo:
             TimeElapsedColumn(),
         )
         with Progress(*columns, console=self.console) as progress:
-            order_task = progress.add_task("orders (credit saga)", total=len(order_jobs))
-            trip_task = progress.add_task("trips (flight + hotel + car)", total=len(trip_jobs))
+            tasks = {
+                "orders": progress.add_task("orders (credit saga)", total=len(order_jobs)),
+                "trips": progress.add_task("trips (flight + hotel + car)", total=len(trip_jobs)),
+                "registrations": progress.add_task(
+                    "registrations (provider + welcome e-mail)", total=len(signups.submissions)
+                ),
+            }
             pool = concurrent.futures.ThreadPoolExecutor(8)
             try:
                 futures = [pool.submit(self._place_order, *job) for job in order_jobs]
                 futures += [pool.submit(self._book_trip, job) for job in trip_jobs]
+                futures += [
+                    pool.submit(self._register, registrations, submission)
+                    for submission in signups.submissions
+                ]
                 for future in concurrent.futures.as_completed(futures):
                     try:
                         kind, outcome = future.result()
@@ -681,18 +662,35 @@ class Demo:
                         self._check_alive()
                         raise
                     results[kind].append(outcome)
-                    progress.advance(order_task if kind == "orders" else trip_task)
+                    progress.advance(tasks[kind])
                     if self.stopping.is_set():
                         raise KeyboardInterrupt
             finally:
                 # On a Ctrl-C, not waiting for the requests under way: they end
                 # as their services stop.
                 pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            registrations.note_created_users(results["registrations"])
+            agreement = registrations.agreement(signups, results["registrations"])
+        except httpx.HTTPError:
+            self._check_alive()
+            raise
+        results["agreement"] = agreement if signups.submissions else None
         results["failed_sagas"] = self._failed_sagas()
+        results["untracked"] = self._wait_tracked(results)
         return results
 
+    def _registrations(self) -> Registrations:
+        ports = self.stack.ports
+        return Registrations(
+            intake_url=f"http://127.0.0.1:{ports['intake-api']}",
+            provider_url=f"http://127.0.0.1:{ports['identity-provider']}",
+            archive_url=f"http://127.0.0.1:{ports['mail-server']}",
+            intake_dsn=self.dsn["intake"],
+        )
+
     def _place_order(self, customer: str, total: float) -> tuple[str, dict[str, Any]]:
-        port = self.stack.http_ports["order-service"]
+        port = self.stack.ports["order-service"]
         started = time.monotonic()
         resp = httpx.post(
             f"http://127.0.0.1:{port}/orders",
@@ -724,13 +722,41 @@ class Demo:
             "latency_s": time.monotonic() - started,
         }
 
+    def _register(
+        self, registrations: Registrations, submission: dict[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        return "registrations", registrations.register(submission, stopping=self.stopping)
+
     def _failed_sagas(self) -> int:
         failed = 0
-        for name in ("orders", "trip"):
+        for name in ("orders", "trip", "intake"):
             with psycopg.connect(self.dsn[name]) as conn:
                 row = conn.execute("SELECT count(*) FROM walsaga.saga WHERE status = 'FAILED'")
                 failed += int(row.fetchone()[0])  # type: ignore[index]
         return failed
+
+    def _wait_tracked(self, outcome: dict[str, Any]) -> dict[str, tuple[str, str | None]]:
+        """The batch's sagas the tracker does not show ended as they did (each with
+        the status expected and the one shown), once it shows them all (so the
+        console has every one) or after :data:`TRACKER_CATCH_UP_S`."""
+        expected = expected_tracker_statuses(outcome)
+        shown: dict[str, str | None] = {}
+        deadline = time.monotonic() + TRACKER_CATCH_UP_S
+        with (
+            self.console.status("waiting for the saga tracker to see every saga end ..."),
+            psycopg.connect(self.tracker_dsn, autocommit=True) as conn,
+        ):
+            while True:
+                for saga_id, status in list(expected.items()):
+                    seen = tracker_store.summary(conn, saga_id)
+                    shown[saga_id] = seen.status if seen is not None else None
+                    if shown[saga_id] == status:
+                        del expected[saga_id]
+                if not expected or time.monotonic() > deadline:
+                    break
+                if self.stopping.wait(0.25):
+                    raise KeyboardInterrupt
+        return {saga_id: (status, shown[saga_id]) for saga_id, status in expected.items()}
 
     # -- reporting -------------------------------------------------------------
 
@@ -740,22 +766,42 @@ class Demo:
             table.add_column(
                 column, justify="right" if "ms" in column or column == "count" else "left"
             )
-        for kind, label in (("orders", "orders"), ("trips", "trips")):
+        for kind in ("orders", "trips"):
             by_status: dict[str, list[float]] = {}
             for item in outcome[kind]:
                 by_status.setdefault(item["status"], []).append(item["latency_s"] * 1000)
             for status, latencies in sorted(by_status.items()):
-                latencies.sort()
-                table.add_row(
-                    label,
-                    status,
-                    str(len(latencies)),
-                    f"{statistics.median(latencies):.0f}",
-                    f"{latencies[int(0.95 * (len(latencies) - 1))]:.0f}",
-                    f"{latencies[-1]:.0f}",
-                )
+                table.add_row(kind, status, *_figures(latencies))
+        for text, latencies in demo_registrations.grouped(outcome["registrations"]):
+            table.add_row("registrations", text, *_figures(latencies))
         table.add_row("all", "FAILED (need a person)", str(outcome["failed_sagas"]), "", "", "")
+        agreement: Agreement | None = outcome["agreement"]
+        if agreement is not None:
+            table.add_row(
+                "check",
+                "e-mails in the mailbox = REGISTERED",
+                _agrees(agreement.mails_agree, f"{agreement.mails} = {agreement.registered}"),
+            )
+            table.add_row(
+                "check",
+                f"provider users = REGISTERED + {agreement.taken} taken beforehand",
+                _agrees(
+                    agreement.users_agree,
+                    f"{agreement.users} = {agreement.registered} + {agreement.taken}",
+                ),
+            )
+        total = len(expected_tracker_statuses(outcome))
+        untracked: dict[str, tuple[str, str | None]] = outcome["untracked"]
+        seen = total - len(untracked)
+        table.add_row(
+            "tracker", "sagas shown ended as above", _agrees(seen == total, f"{seen} of {total}")
+        )
         self.console.print(table)
+        for saga_id, (expected, shown) in list(untracked.items())[:5]:
+            self.console.print(
+                f"[red]the tracker shows saga {saga_id} {shown or 'not at all'}[/red], "
+                f"not {expected}"
+            )
         reasons = Counter(
             (i["reason"] or "").split(":")[0]
             for i in outcome["orders"]
@@ -774,37 +820,84 @@ class Demo:
             self.console.print(f"compensated trips: {common}")
 
     def where_to_look(self) -> None:
-        ports = self.stack.http_ports
-        api = f"http://127.0.0.1:{ports['order-service']}"
-        self.console.print("\n[bold]Where to look[/bold]")
-        self.console.print(f"  order service API   {api}/orders  (metrics: {api}/metrics)")
-        self.console.print(
-            f"  relay               http://127.0.0.1:{ports['relay']}/healthz, /metrics"
-        )
+        ports = self.stack.ports
+        url = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        api = url["order-service"]
+        say = self.console.print
+        say("\n[bold]Where to look[/bold]")
+        say(f"  console             {url['console']}/  (every saga, its timeline; the relay)")
+        say(f"  sagas               walsaga sagas list --config {self.dir / 'tracker.toml'}")
+        say(f"  order service API   {api}/orders  (metrics: {api}/metrics)")
+        say(f"  registration API    {url['intake-api']}/registrations")
+        say(f"  identity provider   {url['identity-provider']}/users")
+        smtp = f"127.0.0.1:{ports['smtp']}"
+        say(f"  mail server         {url['mail-server']}/messages  (SMTP {smtp})")
+        say(f"  relay               {url['relay']}/healthz, /metrics")
         for name in (
             "customer-service",
             "flight-service",
             "hotel-service",
             "car-service",
             "trip-service",
+            "intake-service",
+            "identity-service",
+            "notifier-service",
+            "tracker",
         ):
-            self.console.print(f"  {name:<19} http://127.0.0.1:{ports[name]}/metrics")
-        self.console.print(f"  logs                {self.dir / 'logs'}")
-        self.console.print(
-            f"  clusters            {self.clusters_dir}  (server logs: <service>/postgres.log)"
-        )
-        self.console.print(
-            "  databases           "
-            + ", ".join(f"{n}: {c.dsn(n)}" for n, c in self.stack.clusters.items())
-        )
+            say(f"  {name:<19} {url[name]}/metrics")
+        say(f"  logs                {self.dir / 'logs'}")
+        say(f"  clusters            {self.clusters_dir}  (server logs: <service>/postgres.log)")
+        databases = {n: c.dsn(n) for n, c in self.stack.clusters.items()}
+        databases["tracker"] = self.tracker_dsn
+        say("  databases           " + ", ".join(f"{n}: {dsn}" for n, dsn in databases.items()))
         if self.options.serve:
-            self.console.print("\n[bold]Try it[/bold]")
-            self.console.print(
+            say(f"  operator token      {self.operator_token}  (the console's repair actions)")
+            say("\n[bold]Try it[/bold]")
+            say(
                 f"  curl -s -X POST '{api}/orders?wait=10' -H 'Content-Type: application/json' "
                 '-d \'{"customer_id": "alice", "total": 42}\''
             )
-            self.console.print(f"  curl -s {api}/orders/<id>")
-            self.console.print(f"  curl -N {api}/orders/<id>/events")
+            say(f"  curl -s {api}/orders/<id>")
+            say(f"  curl -N {api}/orders/<id>/events")
+            say(
+                f"  curl -s -X POST '{url['intake-api']}/registrations?wait=10' "
+                "-H 'Content-Type: application/json' "
+                '-d \'{"email": "you@example.com", "name": "You", "accept_terms": true}\''
+            )
+
+
+def expected_tracker_statuses(outcome: dict[str, Any]) -> dict[str, str]:
+    """Each saga of the batch, by id, with the status the tracker shows once it has
+    seen it end (RUNNING for one that had not ended by the summary). Pure."""
+    expected = {o["id"]: ORDER_SAGA_STATUS.get(o["status"], "RUNNING") for o in outcome["orders"]}
+    expected.update({t["id"]: t["saga"] or "RUNNING" for t in outcome["trips"]})
+    expected.update(
+        {r["id"]: demo_registrations.tracker_status(r) for r in outcome["registrations"]}
+    )
+    return expected
+
+
+def _all_well(outcome: dict[str, Any]) -> bool:
+    """No saga FAILED, and the mailbox, the provider and the tracker agree with the batch."""
+    agreement: Agreement | None = outcome["agreement"]
+    agreed = agreement is None or (agreement.mails_agree and agreement.users_agree)
+    return outcome["failed_sagas"] == 0 and agreed and not outcome["untracked"]
+
+
+def _figures(latencies_ms: list[float]) -> tuple[str, str, str, str]:
+    """Count, p50, p95 (nearest rank, so never below the median) and max of
+    `latencies_ms`, as the summary shows them."""
+    ordered = sorted(latencies_ms)
+    return (
+        str(len(ordered)),
+        f"{statistics.median(ordered):.0f}",
+        f"{ordered[math.ceil(0.95 * len(ordered)) - 1]:.0f}",
+        f"{ordered[-1]:.0f}",
+    )
+
+
+def _agrees(ok: bool, figures: str) -> str:
+    return f"[green]{figures} ✓[/green]" if ok else f"[red]{figures} ✗[/red]"
 
 
 def _own_directory(path: Path) -> None:

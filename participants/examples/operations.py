@@ -1,6 +1,6 @@
-"""The saga tracker and the console for the example services (what ``walsaga demo --serve``
-runs beside them): one ``tracker.toml`` that follows the order and trip sagas, mirrors
-their orchestrators, and shows the relay of every example database."""
+"""The saga tracker and the console for the example services (what ``walsaga demo``
+runs beside them): one ``tracker.toml`` that follows the order, trip and registration
+sagas, mirrors their orchestrators, and shows the relay of every example database."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from participants.examples import orders
+from participants.examples.registration import saga as registration
 from participants.examples.travel import trip
 from walsaga.config import write_toml
 
@@ -23,6 +24,16 @@ ORDER_CHOREOGRAPHY: dict[str, Any] = {
     "deadline_s": 120,
 }
 
+#: The registration saga's own events. Orchestrated, it takes its status from intake's
+#: database; a submission intake refuses starts no saga, and its RegistrationRefused,
+#: the only record it has, ends it at once (else it would turn stuck at its deadline).
+REGISTRATION: dict[str, Any] = {
+    "type": registration.NAME,
+    "completed_by": ["RegistrationCompleted"],
+    "compensated_by": ["RegistrationRefused"],
+    "deadline_s": 300,
+}
+
 OPERATOR_EVENTS = "walsaga.operator"
 
 
@@ -31,6 +42,7 @@ def topics() -> list[str]:
     found = [orders.ORDER_TOPIC, orders.CUSTOMER_TOPIC, orders.CUSTOMER_COMMANDS, trip.EVENTS]
     for booking in trip.BOOKINGS:
         found += [booking.commands, booking.events]
+    found += registration.TOPICS
     return [*dict.fromkeys(found), OPERATOR_EVENTS]
 
 
@@ -45,11 +57,13 @@ def tracker_config(
     console_port: int = 8090,
 ) -> Path:
     """Write the ``tracker.toml`` of the examples: `dsns` maps each example service
-    (orders, customers, flight, hotel, car, trip) to its database, named as the
-    relay names its sources; `relay_urls` are the relay's ``/healthz`` addresses."""
+    (orders, customers, flight, hotel, car, trip, intake, identity, notifier) to its
+    database, named as the relay names its sources; `relay_urls` are the relay's
+    ``/healthz`` addresses."""
     definitions = {
         "orders": "participants.examples.orders:CREATE_ORDER",
         "trip": "participants.examples.travel:TRIP",
+        "intake": "participants.examples.registration:REGISTRATION",
     }
     orchestrators = [
         {"name": name, "dsn": dsns[name], "source": name, "definitions": [reference]}
@@ -68,6 +82,7 @@ def tracker_config(
                 ORDER_CHOREOGRAPHY,
                 {"type": "create-order", "deadline_s": 120},
                 {"type": "trip", "deadline_s": 300},
+                REGISTRATION,
             ],
             "orchestrator": orchestrators,
             "relay_source": [
