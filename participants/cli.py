@@ -4,8 +4,9 @@ and the foreground runner every participant command shares."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 
@@ -18,15 +19,35 @@ from walsaga.http import serve_http
 from walsaga.lifecycle import Shutdown
 
 
-def run_until_signalled(participant: Participant, *, http: tuple[str, int] | None) -> int:
+class Companion(Protocol):
+    """Work that runs beside a participant in the same process (an effect worker)."""
+
+    name: str
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_until_signalled(
+    participant: Participant,
+    *,
+    http: tuple[str, int] | None,
+    companions: Sequence[Companion] = (),
+) -> int:
     """Run `participant` in the foreground until SIGTERM/SIGINT; return the exit status.
 
+    `companions` run in threads of their own beside it and are asked to stop
+    at the same moment, so one bound covers the whole process; should one of
+    them fail, the participant stops too and the process exits with its error.
     The stop is bounded by the participant's ``shutdown_timeout_s`` (a second
     signal: at once); see :mod:`walsaga.lifecycle`. The last log line is
     ``exited`` with the time the stop took, or the watchdog's.
     """
     shutdown = Shutdown(grace_s=participant.shutdown_timeout_s, name=participant.name)
     shutdown.on_stop(participant.stop)
+    for companion in companions:
+        shutdown.on_stop(companion.stop)
     shutdown.install()
     server = None
     if http is not None:
@@ -51,11 +72,27 @@ def run_until_signalled(participant: Participant, *, http: tuple[str, int] | Non
         except BaseException as e:
             failure.append(e)
 
+    def beside(companion: Companion) -> None:
+        try:
+            companion.run()
+        except BaseException as e:
+            failure.append(e)
+            participant.stop()
+
+    threads = [
+        threading.Thread(target=beside, args=(c,), name=c.name, daemon=True) for c in companions
+    ]
     # The loop runs in a thread so that signals reach this one at once.
     worker = threading.Thread(target=target, name=f"participant-{participant.name}", daemon=True)
     worker.start()
+    for thread in threads:
+        thread.start()
     while worker.is_alive():
         worker.join(0.2)
+    for companion, thread in zip(companions, threads, strict=True):
+        companion.stop()  # the participant may have stopped for a reason of its own
+        while thread.is_alive():  # within the bound: the watchdog ends the process
+            thread.join(0.2)
     if server is not None:
         server.shutdown()  # at once if it stopped already
         server.server_close()

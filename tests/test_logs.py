@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,9 @@ def test_a_participant_logs_only_json_lines(
         tmp_path / "customer-service.log",
         {
             "WALSAGA_PARTICIPANT__DSN": dsn,
+            # A group of its own: stopped while it joins, a consumer leaves the
+            # embedded broker's group unable to assign anyone after it.
+            "WALSAGA_PARTICIPANT__NAME": f"customer-service-{uuid.uuid4().hex[:6]}",
             "WALSAGA_KAFKA__BOOTSTRAP_SERVERS": broker,
             "WALSAGA_PARTICIPANT__LOG_FORMAT": "json",
         },

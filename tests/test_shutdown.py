@@ -1,7 +1,8 @@
 """Every long-running command stops when asked, broker or not.
 
-Each of `walsaga relay`, `participant`, `order-service` and `travel-service`
-runs against a database and a broker of the test's own. The broker dies before
+Each of `walsaga relay`, `participant`, `order-service`, `travel-service`,
+`tracker` and `registration-service` (the notifier: handlers and effect
+worker) runs against a database and a broker of the test's own. The broker dies before
 the SIGTERM, or a moment after it (while the consumer or producer is being
 closed); either way the process exits within its shutdown bound, counted from
 the signal, and its last log line says how it ended. A second SIGTERM exits at
@@ -27,8 +28,10 @@ from confluent_kafka import Producer
 
 from participants.examples import orders
 from participants.examples.embedded import EmbeddedBroker, free_port
+from participants.examples.registration import saga as registration
 from participants.examples.travel import car
 from tests.support import WALSAGA, RelayProcess, create_topics, wait_until, write_events
+from tests.tracker_support import tracker_toml
 from walsaga import schema
 from walsaga.config import write_toml
 from walsaga.lifecycle import EXIT_FORCED
@@ -38,7 +41,14 @@ BOUND_S = 3.0
 #: What the bound leaves out: the interpreter's own exit, a loaded machine.
 MARGIN_S = 1.5
 
-COMMANDS = ["relay", "participant", "order-service", "travel-service"]
+COMMANDS = [
+    "relay",
+    "participant",
+    "order-service",
+    "travel-service",
+    "tracker",
+    "registration-service",
+]
 
 #: The last line of a stop, by how it ended.
 EXITED = {
@@ -46,6 +56,8 @@ EXITED = {
     "participant": "exited",
     "order-service": "order service exited",
     "travel-service": "exited",
+    "tracker": "exited",
+    "registration-service": "exited",
 }
 FORCED = f"did not stop within {BOUND_S:g}s"
 SECOND = "second signal: exiting now"
@@ -212,11 +224,46 @@ def start_travel_service(tmp_path: Path, make_database: Any, broker: EmbeddedBro
     return Running("travel-service", proc, log)
 
 
+def start_tracker(tmp_path: Path, make_database: Any, broker: EmbeddedBroker) -> Running:
+    dsn = make_database("tracker")
+    topic = f"shutdown-{uuid.uuid4().hex[:6]}"
+    create_topics(broker.bootstrap_servers, [topic])
+    port = free_port()
+    config = tracker_toml(
+        tmp_path / "tracker.toml", dsn=dsn, broker=broker.bootstrap_servers, topics=[topic],
+        tracker={"shutdown_timeout_s": BOUND_S, "http_host": "127.0.0.1", "http_port": port},
+    )  # fmt: skip
+    log = tmp_path / "tracker.log"
+    proc = _launch(["tracker", "--config", str(config)], log)
+    _wait_healthy(proc, log, port)
+    feed(broker, topic, dsn)
+    return Running("tracker", proc, log)
+
+
+def start_registration_service(
+    tmp_path: Path, make_database: Any, broker: EmbeddedBroker
+) -> Running:
+    dsn = make_database("notifier")
+    port = free_port()
+    log = tmp_path / "notifier.log"
+    proc = _launch(
+        ["registration-service", "--service", "notifier", "--dsn", dsn,
+         "--bootstrap-servers", broker.bootstrap_servers, "--install",
+         "--http-port", str(port), "--shutdown-timeout", str(BOUND_S)],
+        log,
+    )  # fmt: skip
+    _wait_healthy(proc, log, port)
+    feed(broker, registration.NOTIFIER_COMMANDS, dsn)
+    return Running("registration-service", proc, log)
+
+
 STARTERS = {
     "relay": start_relay,
     "participant": start_participant,
     "order-service": start_order_service,
     "travel-service": start_travel_service,
+    "tracker": start_tracker,
+    "registration-service": start_registration_service,
 }
 
 

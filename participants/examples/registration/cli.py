@@ -7,7 +7,6 @@ message handlers, its effect worker, or both); ``identity-provider`` and
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -195,17 +194,9 @@ def registration_service(
 
 
 def _run_both(handlers: Participant, worker: EffectWorker | None, http: Any) -> int:
-    """The handlers in the foreground, the effect worker (if any) in a thread."""
-    thread = None
-    if worker is not None:
-        thread = threading.Thread(target=worker.run, name="effect-worker", daemon=True)
-        thread.start()
-    try:
-        return run_until_signalled(handlers, http=http)
-    finally:
-        if worker is not None and thread is not None:
-            worker.stop()
-            thread.join(worker.shutdown_timeout_s + 1)
+    """The handlers in the foreground, the effect worker (if any) beside them, one
+    stop for both."""
+    return run_until_signalled(handlers, http=http, companions=[worker] if worker else [])
 
 
 def _serve_intake(
