@@ -37,6 +37,7 @@ from tests.support import (
     RelayProcess,
     consumer,
     create_topics,
+    start_at_the_end,
     wait_all_assigned,
     wait_until,
 )
@@ -184,6 +185,7 @@ class Site:
         self.participants["identity"] = identity.participant(dsn=self.dsns["identity"], kafka=kafka)
         self.participants["notifier"] = notifier.participant(dsn=self.dsns["notifier"], kafka=kafka)
         for name, p in self.participants.items():
+            start_at_the_end(self.broker, p.name, p.topics)
             self.threads[name] = threading.Thread(target=p.run, name=name, daemon=True)
             self.threads[name].start()
         wait_all_assigned(self.participants, self.threads)
@@ -401,8 +403,11 @@ def duplicating(broker: str, topics: list[str]) -> Iterator[Counter[str]]:
     copies: Counter[str] = Counter()
     stop = threading.Event()
 
+    group = f"duplicator-{uuid.uuid4().hex[:8]}"
+    start_at_the_end(broker, group, topics)  # not what earlier tests left on the topics
+
     def run() -> None:
-        c = consumer(broker, topics)
+        c = consumer(broker, topics, **{"group.id": group})
         producer = Producer({"bootstrap.servers": broker, "linger.ms": 5})
         try:
             while not stop.is_set():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from participants.examples.embedded import free_port
@@ -38,6 +38,34 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
         time.sleep(interval_s)
+
+
+def start_at_the_end(bootstrap: str, group: str, topics: Iterable[str]) -> None:
+    """Commit `group`'s offsets at the end of each of `topics` that exists.
+
+    Tests share one broker and the examples' fixed topic names: a consumer
+    group started afresh would read every record earlier tests left there (and
+    a group name an earlier test used, the ones it had not committed). Started
+    here, the group sees only what is written from now on.
+    """
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+    )
+    try:
+        existing = consumer.list_topics(timeout=10).topics
+        ends = []
+        for topic in topics:
+            if topic not in existing:
+                continue
+            for partition in existing[topic].partitions:
+                _, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, partition), timeout=10
+                )
+                ends.append(TopicPartition(topic, partition, high))
+        if ends:
+            consumer.commit(offsets=ends, asynchronous=False)
+    finally:
+        consumer.close()
 
 
 def wait_all_assigned(participants: dict[str, Any], threads: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from participants.runtime import Participant, set_trace
 from participants.saga import Command, RetryPolicy, Saga, Step
 from participants.tracker import Tracker
 from participants.tracker_config import load_tracker_config
-from tests.support import WALSAGA, RelayProcess, create_topics, wait_until
+from tests.support import WALSAGA, RelayProcess, create_topics, start_at_the_end, wait_until
 from walsaga import schema
 from walsaga.config import write_toml
 from walsaga.errors import BusinessError
@@ -78,7 +78,9 @@ def tracker_toml(
 @contextmanager
 def running_tracker(config_path: Path) -> Iterator[Tracker]:
     """The tracker of `config_path` in a thread, until the block ends."""
-    tracker = Tracker(load_tracker_config(config_path))
+    config = load_tracker_config(config_path)
+    start_at_the_end(config.kafka["bootstrap.servers"], config.tracker.name, config.tracker.topics)
+    tracker = Tracker(config)
     failure: list[BaseException] = []
 
     def run() -> None:
