@@ -191,8 +191,18 @@ def test_a_choreography_is_tracked_end_to_end_and_repeats_change_no_timeline(
         assert (created["from"], created["to"]) == ("orders", "customers")
         assert created["record"]["lsn"] and created["record"]["topic"] == "order"
 
-        # Every record of the shop's topics once more, ids unchanged: no timeline moves.
+        # Every record of the shop's topics once more, ids unchanged: no timeline moves,
+        # and no saga is counted as ended again.
         before = timeline_snapshot(tracker_dsn)
+        registry = tracker.participant.metrics.registry
+        ended = {"saga_type": "order", "outcome": "COMPLETED"}
+        counted = registry.get_sample_value("walsaga_tracker_sagas_ended_total", ended)
+        with psycopg.connect(tracker_dsn) as conn:
+            completed = conn.execute(
+                "SELECT count(*) FROM walsaga.tracked_saga "
+                "WHERE saga_type = 'order' AND status = 'COMPLETED'"
+            ).fetchone()
+        assert completed is not None and counted == completed[0] >= len(approved)
         mine = set(approved + rejected)
         records = [
             r for r in consume(broker, TOPICS, until=lambda r: False, timeout_s=8)
@@ -211,10 +221,7 @@ def test_a_choreography_is_tracked_end_to_end_and_repeats_change_no_timeline(
             what="the tracker to take every repeat",
         )
         assert timeline_snapshot(tracker_dsn) == before
-        registry = tracker.participant.metrics.registry
-        assert registry.get_sample_value(
-            "walsaga_tracker_sagas_ended_total", {"saga_type": "order", "outcome": "COMPLETED"}
-        ) == len(approved)
+        assert registry.get_sample_value("walsaga_tracker_sagas_ended_total", ended) == counted
 
 
 @pytest.mark.slow
