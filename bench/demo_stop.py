@@ -1,7 +1,8 @@
 """Demo stop benchmark: how long Ctrl-C on `walsaga demo --serve` takes, and what it leaves.
 
-Each run starts `walsaga demo --serve` (six Postgres clusters, the embedded
-broker, the relay, every service), lets it place a load of orders and trips,
+Each run starts `walsaga demo --serve` (nine Postgres clusters, the embedded
+broker, the relay, every service, the saga tracker and the console), lets it
+place a load of orders, trips and registrations,
 then sends SIGINT to the demo's process group, as a terminal does on Ctrl-C,
 and times the exit. After each exit every process the demo recorded in its
 ``pids.json`` must be gone. The target: every run stops within 20 seconds and
@@ -29,7 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from participants.examples.demo import ProcessRecord, outside_clusters_dir
+from participants.examples.demo import outside_clusters_dir
+from participants.examples.processes import ProcessRecord
 
 WALSAGA = str(Path(sys.executable).parent / "walsaga")
 
