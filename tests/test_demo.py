@@ -15,6 +15,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 from collections import Counter
@@ -23,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
-from participants.examples import demo_registrations
+from participants.examples import demo_registrations, embedded
 from participants.examples.demo import DemoOptions, outside_clusters_dir
 from participants.examples.processes import ProcessRecord, earlier_processes
 from tests.support import WALSAGA, wait_until
@@ -181,6 +183,30 @@ def test_a_batch_of_registrations_ends_every_way_and_is_told_apart_by_its_reason
     ]  # fmt: skip
     assert demo_registrations.tracker_status(result("REFUSED", at_intake=True)) == "COMPENSATED"
     assert demo_registrations.tracker_status(result("PENDING")) == "RUNNING"
+
+
+def test_a_cluster_whose_chosen_port_is_taken_meanwhile_starts_on_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The port was free when chosen; something else listens on it by the time
+    # the server binds it (a demo starts its clusters side by side).
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = iter([taken.getsockname()[1]])
+        real = embedded.free_port
+        monkeypatch.setattr(embedded, "free_port", lambda: next(ports, None) or real())
+        base = Path(tempfile.mkdtemp(prefix="walsaga-port-"))
+        base.chmod(0o755)
+        cluster = embedded.LocalPostgres(base / "pg", durable=False)
+        try:
+            cluster.start()
+            assert cluster.port != taken.getsockname()[1]
+            with psycopg.connect(cluster.dsn("postgres")) as conn:
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+        finally:
+            cluster.stop()
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow

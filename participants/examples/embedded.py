@@ -183,8 +183,29 @@ class LocalPostgres:
                 )
             except subprocess.CalledProcessError as e:
                 raise SetupError(f"initdb failed in {self.datadir}: {e.stderr.strip()}") from e
-        if not self.port:
-            self.port = free_port()
+        # A port of our choosing was free when chosen, not necessarily when the
+        # server binds it (another process, or a cluster starting beside this
+        # one, may take it in between): then it starts again on another.
+        chosen = not self.port
+        for attempt in range(3):
+            if chosen:
+                self.port = free_port()
+            try:
+                self._start_on_port(bindir, timeout_s)
+                break
+            except subprocess.CalledProcessError as e:
+                tail = (
+                    self.logfile.read_text(errors="replace")[-2000:]
+                    if self.logfile.exists()
+                    else ""
+                )
+                if chosen and attempt < 2 and "Address already in use" in tail[-600:]:
+                    continue
+                raise SetupError(f"postgres did not start on port {self.port}: {tail}") from e
+        return self
+
+    def _start_on_port(self, bindir: Path, timeout_s: float) -> None:
+        """pg_ctl start on :attr:`port`, with walsaga's settings."""
         options = {
             "port": str(self.port),
             "listen_addresses": "127.0.0.1",
@@ -199,24 +220,19 @@ class LocalPostgres:
             **self.settings,
         }
         opts = " ".join(f"-c {k}={v}" for k, v in options.items())
-        try:
-            self._cmd(
-                str(bindir / "pg_ctl"),
-                "-D",
-                str(self.datadir),
-                "-l",
-                str(self.logfile),
-                "-w",
-                "-t",
-                str(int(timeout_s)),
-                "-o",
-                opts,
-                "start",
-            )
-        except subprocess.CalledProcessError as e:
-            tail = self.logfile.read_text(errors="replace")[-2000:] if self.logfile.exists() else ""
-            raise SetupError(f"postgres did not start on port {self.port}: {tail}") from e
-        return self
+        self._cmd(
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(self.datadir),
+            "-l",
+            str(self.logfile),
+            "-w",
+            "-t",
+            str(int(timeout_s)),
+            "-o",
+            opts,
+            "start",
+        )
 
     def postmaster_pid(self) -> int | None:
         """The pid of the running server, from its lock file (None when it is not running)."""
