@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from datetime import UTC, date, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,12 +60,20 @@ def spans() -> InMemorySpanExporter:
 
 
 def records_of(broker: str, topics: list[str], saga_id: str, until: Any) -> list[Any]:
-    found = consume(
-        broker,
-        topics,
-        until=lambda r: until([m for m in r if headers_of(m).get("saga_id") == saga_id]),
-        timeout_s=90,
-    )
+    """The saga's records once `until` holds and the record each was caused by has
+    arrived too (partitions of several topics are read at different paces: the
+    last record may come before its cause), or three seconds after `until`."""
+    satisfied: list[float] = []
+
+    def done(records: list[Any]) -> bool:
+        mine = [headers_of(m) for m in records if headers_of(m).get("saga_id") == saga_id]
+        if not until([m for m in records if headers_of(m).get("saga_id") == saga_id]):
+            return False
+        satisfied.append(time.monotonic())
+        causes = {h["causation_id"] for h in mine if h.get("causation_id")}
+        return causes <= {h.get("id") for h in mine} or time.monotonic() - satisfied[0] > 3.0
+
+    found = consume(broker, topics, until=done, timeout_s=90)
     return [m for m in found if headers_of(m).get("saga_id") == saga_id]
 
 
