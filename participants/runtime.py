@@ -459,12 +459,7 @@ class Participant:
                             traced = False
                         outcomes.append(self._handle_one(conn, message, isolated, None, lone=lone))
                         continue
-                    with tracing.span(
-                        f"{self.name} {message.type or message.topic}",
-                        parent,
-                        attributes={"messaging.destination.name": message.topic,
-                                    "messaging.message.id": message.id},
-                    ) as hop:  # fmt: skip
+                    with self._hop(message, parent) as hop:
                         set_trace(conn, hop, cause=message.id)
                         traced = True
                         outcomes.append(self._handle_one(conn, message, isolated, hop, lone=lone))
@@ -483,6 +478,15 @@ class Participant:
             self.metrics.handled.labels(self.name, outcome).inc()
         for message in messages:
             self._attempts.pop(message.dedupe_key, None)
+
+    def _hop(self, message: Message, parent: tracing.TraceContext) -> Any:
+        """The span of this participant's hop for `message`, a child of `parent`."""
+        return tracing.span(
+            f"{self.name} {message.type or message.topic}",
+            parent,
+            attributes={"messaging.destination.name": message.topic,
+                        "messaging.message.id": message.id},
+        )  # fmt: skip
 
     def _claim(self, conn: psycopg.Connection[Any], messages: Sequence[Message]) -> set[str]:
         """Insert every dedupe key into the inbox; return those that were new."""
@@ -511,12 +515,7 @@ class Participant:
             if message.dedupe_key not in self._claim(conn, (message,)):
                 return Outcome.DUPLICATE
             return self._handle_one(conn, message, False, None, lone=True)
-        with tracing.span(
-            f"{self.name} {message.type or message.topic}",
-            parent,
-            attributes={"messaging.destination.name": message.topic,
-                        "messaging.message.id": message.id},
-        ) as hop:  # fmt: skip
+        with self._hop(message, parent) as hop:
             claimed = conn.execute(
                 """
                 WITH trace AS MATERIALIZED (
