@@ -115,8 +115,13 @@ class HopTimes:
         return found
 
 
-class _RedoUnderSavepointError(Exception):
-    """The lone record of a transaction failed: roll back, handle it under a savepoint."""
+class _FailedAloneError(Exception):
+    """The lone record of a transaction failed for good: roll back, then record
+    what the failure calls for in a transaction of its own."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 class _RetryBatchError(Exception):
@@ -416,8 +421,8 @@ class Participant:
                 else:
                     try:
                         self._handle_batch(conn, messages)
-                    except _RedoUnderSavepointError:
-                        self._handle_batch(conn, messages, isolated=True)
+                    except _FailedAloneError as failed:
+                        self._handle_batch(conn, messages, isolated=True, failure=failed.error)
                 self._m_batch.observe(time.monotonic() - started)
                 return True
             except _RetryBatchError as e:
@@ -434,8 +439,16 @@ class Participant:
                 return False
 
     def _handle_batch(
-        self, conn: psycopg.Connection[Any], messages: Sequence[Message], *, isolated: bool = False
+        self,
+        conn: psycopg.Connection[Any],
+        messages: Sequence[Message],
+        *,
+        isolated: bool = False,
+        failure: Exception | None = None,
     ) -> None:
+        """Handle `messages` in one transaction. `failure`: what the handler of the
+        one record in `messages` raised in a transaction that was rolled back;
+        the handler is not run again, the failure is recorded."""
         outcomes: list[Outcome] = []
         try:
             with conn.transaction():
@@ -457,12 +470,16 @@ class Participant:
                         if traced:  # not the previous record's trace
                             set_trace(conn, None)
                             traced = False
-                        outcomes.append(self._handle_one(conn, message, isolated, None, lone=lone))
+                        outcomes.append(
+                            self._handle_one(conn, message, isolated, None, failure=failure)
+                        )
                         continue
                     with self._hop(message, parent) as hop:
                         set_trace(conn, hop, cause=message.id)
                         traced = True
-                        outcomes.append(self._handle_one(conn, message, isolated, hop, lone=lone))
+                        outcomes.append(
+                            self._handle_one(conn, message, isolated, hop, failure=failure)
+                        )
         except psycopg.Error as e:
             commit.rolled_back(conn)
             if conn.broken:
@@ -542,6 +559,7 @@ class Participant:
         trace: tracing.TraceContext | None,
         *,
         lone: bool = False,
+        failure: Exception | None = None,
     ) -> Outcome:
         route = self.route_for(message)
         compensates = message.headers.get("compensates")
@@ -555,14 +573,16 @@ class Participant:
             )
         if route is None:
             return Outcome.IGNORED
+        if failure is not None:
+            return self._failed(conn, route, message, failure)
         ctx = HandlerContext(conn, message, self.name, trace=trace)
         try:
             if lone and route.savepoint:
                 # The only record of its transaction: a savepoint would only
                 # undo what rolling the transaction back undoes, at two more
-                # round trips. Should the handler fail, the record is handled
-                # again under one (_RedoUnderSavepointError) to see what the
-                # failure calls for.
+                # round trips. Should the handler fail for good, the transaction
+                # is rolled back and the failure recorded in a new one
+                # (_FailedAloneError), without running the handler again.
                 try:
                     route.handler(ctx, message)
                 except Exception as e:
@@ -576,7 +596,7 @@ class Participant:
                     )
                     if verdict.outcome is Outcome.RETRY:
                         return self._failed(conn, route, message, e)  # rolls back, backs off
-                    raise _RedoUnderSavepointError from e
+                    raise _FailedAloneError(e) from e
             elif route.savepoint or isolated:
                 with conn.transaction():
                     route.handler(ctx, message)
@@ -588,7 +608,7 @@ class Participant:
                 except psycopg.Error as e:
                     raise _RetryBatchError(f"{message.describe()}: {e}") from e
             return Outcome.HANDLED
-        except (_RetryBatchError, _RedoUnderSavepointError):
+        except (_RetryBatchError, _FailedAloneError):
             raise
         except Exception as e:
             if isinstance(e, psycopg.Error) and conn.broken:

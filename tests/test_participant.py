@@ -23,6 +23,8 @@ from participants.runtime import Participant
 from tests.support import create_topics, wait_until
 from walsaga.errors import BusinessError
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
 
 def produce(broker: str, topic: str, records: list[dict[str, Any]]) -> None:
     """Write records as the relay would: key, JSON value, contract headers."""
@@ -161,23 +163,37 @@ def test_a_business_failure_rolls_back_and_publishes_a_correlated_failure_event(
 ) -> None:
     t = topic()
     participant = Participant(f"p-{t}", dsn=ledger, kafka={"bootstrap.servers": broker})
+    calls: list[str] = []
 
     @participant.on(t, "Reserve", failure_type="ReservationRefused", failure_topic="stock")
     def reserve(ctx: HandlerContext, message: Message) -> None:
-        ctx.execute("INSERT INTO ledger VALUES ('half-done', 1)")
+        calls.append(message.payload["sku"])
+        ctx.execute("INSERT INTO ledger VALUES (%s, 1)", (f"half-done {message.payload['sku']}",))
         raise BusinessError("out of stock", code="NO_STOCK")
 
+    # Three records waiting (handled as a batch), then one alone with a trace:
+    # each handler runs once, whichever way its transaction is shaped.
+    produce(broker, t, [{"type": "Reserve", "key": f"sku-{i}", "payload": {"sku": f"sku-{i}"},
+                         "headers": {"saga_id": f"saga-{i}"}} for i in (1, 2, 3)])  # fmt: skip
     with running(participant):
-        produce(broker, t, [{"type": "Reserve", "key": "sku-1", "payload": {"sku": "sku-1"},
-                             "headers": {"saga_id": "saga-9"}}])  # fmt: skip
-        wait_until(lambda: outbox(ledger, "stock"), timeout_s=30)
+        wait_until(lambda: len(outbox(ledger, "stock")) == 3, timeout_s=30)
+        traced = {"saga_id": "saga-4", "traceparent": TRACEPARENT}
+        produce(broker, t, [{"type": "Reserve", "key": "sku-4", "payload": {"sku": "sku-4"},
+                             "headers": traced}])  # fmt: skip
+        wait_until(lambda: len(outbox(ledger, "stock")) == 4, timeout_s=30)
+    assert sorted(calls) == ["sku-1", "sku-2", "sku-3", "sku-4"], "each handler ran once"
     assert rows(ledger, "SELECT * FROM ledger") == []
-    [(type_, key, payload, headers)] = outbox(ledger, "stock")
-    assert (type_, key) == ("ReservationRefused", "sku-1")
-    assert payload["reason"] == "out of stock"
-    assert payload["code"] == "NO_STOCK"
-    assert payload["sku"] == "sku-1"
-    assert headers["saga_id"] == "saga-9"
+    refusals = {key: (type_, payload, headers) for type_, key, payload, headers
+                in outbox(ledger, "stock")}  # fmt: skip
+    for i in (1, 2, 3, 4):
+        type_, payload, headers = refusals[f"sku-{i}"]
+        assert type_ == "ReservationRefused"
+        assert payload["reason"] == "out of stock"
+        assert payload["code"] == "NO_STOCK"
+        assert payload["sku"] == f"sku-{i}"
+        assert headers["saga_id"] == f"saga-{i}"
+    # The lone record's failure event continues its trace.
+    assert refusals["sku-4"][2]["traceparent"].split("-")[1] == TRACEPARENT.split("-")[1]
 
 
 def test_declared_sql_handlers_bind_fields_and_turn_ws_errors_into_failure_events(
