@@ -4,8 +4,11 @@ loader, the replication wire messages, feedback timing, failure verdicts."""
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import struct
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -547,3 +550,37 @@ def test_a_lost_connection_without_sqlstate_is_never_dead_lettered() -> None:
     error = psycopg.OperationalError("server closed the connection unexpectedly")
     assert classify(error) is ErrorKind.TRANSIENT
     assert verdict(error, attempts=10).outcome is Outcome.RETRY
+
+
+STOPPING_PROCESS = """
+import threading, time
+import structlog
+from walsaga import logs
+from walsaga.lifecycle import Shutdown
+
+logs.configure("info", "json")
+log = structlog.get_logger("walsaga.test")
+shutdown = Shutdown(grace_s=10, name="test")
+
+def chatter():  # a client abandoned in its thread, still talking
+    while True:
+        log.warning("still trying the broker")
+        time.sleep(0.01)
+
+threading.Thread(target=chatter, daemon=True).start()
+time.sleep(0.1)
+shutdown.request()
+log.info("exited", shutdown_s=shutdown.done())
+time.sleep(0.3)
+"""
+
+
+def test_a_stopped_process_says_exited_last_whatever_other_threads_still_log() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPING_PROCESS], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    events = [line["event"] for line in lines]
+    assert "still trying the broker" in events, "the other thread logged before the stop"
+    assert events[-1] == "exited"

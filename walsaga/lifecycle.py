@@ -11,7 +11,8 @@ exits at once. A second signal exits at once too.
 A process that serves its own signals (uvicorn) passes them to
 :meth:`Shutdown.handle` instead of calling :meth:`~Shutdown.install`. Each
 command ends with one last log line: its own "exited" line, with how long the
-stop took (:meth:`Shutdown.done`), or the watchdog's "did not stop within".
+stop took (:meth:`Shutdown.done`), or the watchdog's "did not stop within";
+from then on, what other threads still log is not written.
 
 Nothing is lost either way: what was not committed or confirmed is delivered
 again after the restart, and the inbox (participants) or the consumers'
@@ -30,6 +31,8 @@ from collections.abc import Callable
 from types import FrameType
 
 import structlog
+
+from walsaga import logs
 
 log = structlog.get_logger("walsaga")
 
@@ -64,6 +67,7 @@ class Shutdown:
         self.signals += 1
         name = signal.Signals(signum).name
         if self.signals > 1:
+            logs.seal()
             log.warning("second signal: exiting now", signal=name, process=self.name)
             self._exit_now(EXIT_FORCED)
         log.info("stopping", signal=name, process=self.name, within_s=self.grace_s)
@@ -85,8 +89,13 @@ class Shutdown:
 
     def done(self) -> float:
         """The process finished its stop: disarm the watchdog; return how long the stop
-        took in seconds (0 when none was requested: the process stopped on its own)."""
+        took in seconds (0 when none was requested: the process stopped on its own).
+
+        From now on only the calling thread's log lines are written (its "exited"
+        line is the last), whatever abandoned clients in other threads still say.
+        """
         self._done.set()
+        logs.seal()
         if self.requested_at is None:
             return 0.0
         return round(time.monotonic() - self.requested_at, 3)
@@ -94,6 +103,7 @@ class Shutdown:
     def _watch(self) -> None:
         if self._done.wait(self.grace_s):
             return
+        logs.seal()
         log.error(
             f"did not stop within {self.grace_s:g}s: exiting now (what was not committed is "
             "delivered again after the restart)",

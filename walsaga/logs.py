@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Literal
 
 import structlog
@@ -20,6 +21,31 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 #: The stdlib logger librdkafka's messages are routed to (pass it as the
 #: client's ``logger`` setting).
 KAFKA_LOGGER = "walsaga.kafka"
+
+
+class _Seal(logging.Filter):
+    """Once set, lets through only the lines of the thread that set it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread: int | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.thread is None or record.thread == self.thread
+
+
+_seal = _Seal()
+
+
+def seal() -> None:
+    """From now on, write only the lines of the calling thread.
+
+    A stopping process calls this before its last line, so that its last line
+    is its own: a client abandoned in another thread (a Kafka consumer whose
+    close did not answer in time) may still have things to say until the
+    process is gone, and they are no longer news.
+    """
+    _seal.thread = threading.get_ident()
 
 
 def configure(level: str = "info", fmt: str = "console") -> None:
@@ -56,6 +82,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter)
+    handler.addFilter(_seal)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
