@@ -43,6 +43,7 @@ from participants.schedule import Schedule
 from walsaga import tracing
 from walsaga.errors import SetupError, from_psycopg, is_transient_sqlstate
 from walsaga.http import LATENCY_BUCKETS, new_registry
+from walsaga.logs import Repeats
 from walsaga.retry import BackoffPolicy
 
 log = structlog.get_logger("walsaga.participant")
@@ -168,6 +169,7 @@ class Participant:
         self.stop_event = threading.Event()
         self._stop_requested: float | None = None
         self.ready = threading.Event()  # set once the consumer has partitions
+        self._kafka_errors = Repeats()
         self.log = log.bind(participant=name)
         self.schedule = Schedule(self.log)
         #: Where each hop's time goes on this side (commit to receive, handling).
@@ -241,7 +243,11 @@ class Participant:
         self.ready.set()
 
     def _on_kafka_error(self, err: KafkaError) -> None:
-        self.log.warning("kafka", error=err.str())
+        # Every failed connect while a broker is down comes here: one line per
+        # window (walsaga.logs.Repeats) says it, with how many more there were.
+        held = self._kafka_errors.admit(err.str())
+        if held is not None:
+            self.log.warning("kafka", error=err.str(), **({"repeated": held} if held else {}))
 
     def run(self) -> None:
         """Consume until :meth:`stop`; offsets of handled records are committed on the way out.

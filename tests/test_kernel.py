@@ -35,6 +35,7 @@ from walsaga.errors import (
     classify_sqlstate,
     from_psycopg,
 )
+from walsaga.logs import Repeats
 from walsaga.retry import Backoff, BackoffPolicy
 
 # -- backoff ----------------------------------------------------------------------
@@ -584,3 +585,18 @@ def test_a_stopped_process_says_exited_last_whatever_other_threads_still_log() -
     events = [line["event"] for line in lines]
     assert "still trying the broker" in events, "the other thread logged before the stop"
     assert events[-1] == "exited"
+
+
+def test_repeated_kafka_complaints_are_written_once_per_window_with_a_count() -> None:
+    now = [0.0]
+    repeats = Repeats(30, clock=lambda: now[0])
+    refused = "127.0.0.1:{}/bootstrap: Connect failed: Connection refused (after {}ms)"
+    assert repeats.admit(refused.format(9092, 0)) == 0
+    for i in range(40):  # every 100 ms for 4 s, ports and timings varying
+        now[0] += 0.1
+        assert repeats.admit(refused.format(9092 + i % 3, i)) is None
+    assert repeats.admit("Broker: Unknown topic or partition") == 0, "another message"
+    now[0] = 31.0
+    assert repeats.admit(refused.format(9092, 1)) == 40
+    now[0] = 32.0
+    assert repeats.admit(refused.format(9092, 1)) is None

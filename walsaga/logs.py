@@ -9,8 +9,11 @@ JSON mode every line on stderr is therefore one JSON object.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import threading
+import time
+from collections.abc import Callable
 from typing import Literal
 
 import structlog
@@ -21,6 +24,62 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 #: The stdlib logger librdkafka's messages are routed to (pass it as the
 #: client's ``logger`` setting).
 KAFKA_LOGGER = "walsaga.kafka"
+
+#: How long a Kafka client's repeated complaint (a failed connect, every 100 ms
+#: or so while a broker is down) stays out of the log after it was written.
+REPEAT_WINDOW_S = 30.0
+
+_NUMBERS = re.compile(r"\d+")
+
+
+class Repeats:
+    """Lets a message through once per `window_s` and counts those held back.
+
+    Messages that differ only in their numbers (ports, broker ids, "after 3ms")
+    are the same message: while a broker is down, its clients' connect failures
+    make one line per window, with how many more there were.
+    """
+
+    def __init__(self, window_s: float = REPEAT_WINDOW_S, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.window_s = window_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        #: message shape -> (when it was last let through, how many held back since)
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def admit(self, message: str) -> int | None:
+        """None: hold `message` back. Otherwise let it through; the number held
+        back since the last one like it was let through (0 the first time)."""
+        shape = _NUMBERS.sub("#", message)
+        now = self._clock()
+        with self._lock:
+            last = self._seen.get(shape)
+            if last is not None and now - last[0] < self.window_s:
+                self._seen[shape] = (last[0], last[1] + 1)
+                return None
+            if len(self._seen) > 1000:
+                self._seen.clear()
+            self._seen[shape] = (now, 0)
+            return 0 if last is None else last[1]
+
+
+class _KafkaRepeats(logging.Filter):
+    """Holds back librdkafka's repeated lines (see :class:`Repeats`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.repeats = Repeats()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        held = self.repeats.admit(message)
+        if held is None:
+            return False
+        if held:
+            record.msg = f"{message} ({held} more like it in the last {self.repeats.window_s:g}s)"
+            record.args = ()
+        return True
 
 
 class _Seal(logging.Filter):
@@ -93,11 +152,17 @@ def configure(level: str = "info", fmt: str = "console") -> None:
         lib = logging.getLogger(name)
         lib.handlers.clear()
         lib.propagate = True
+    kafka = logging.getLogger(KAFKA_LOGGER)
+    for old_filter in list(kafka.filters):
+        kafka.removeFilter(old_filter)
+    kafka.addFilter(_KafkaRepeats())
     # Chatty at INFO for every request; walsaga logs what matters itself.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 
 
 def kafka_logger() -> logging.Logger:
-    """The logger to give librdkafka (``{"logger": kafka_logger()}``)."""
+    """The logger to give librdkafka (``{"logger": kafka_logger()}``). Once
+    :func:`configure` has run, a line repeated within :data:`REPEAT_WINDOW_S`
+    is written once, then with how many more there were."""
     return logging.getLogger(KAFKA_LOGGER)
