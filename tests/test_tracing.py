@@ -66,10 +66,11 @@ def records_of(broker: str, topics: list[str], saga_id: str, until: Any) -> list
     satisfied: list[float] = []
 
     def done(records: list[Any]) -> bool:
-        mine = [headers_of(m) for m in records if headers_of(m).get("saga_id") == saga_id]
-        if not until([m for m in records if headers_of(m).get("saga_id") == saga_id]):
+        own = [m for m in records if headers_of(m).get("saga_id") == saga_id]
+        if not until(own):
             return False
         satisfied.append(time.monotonic())
+        mine = [headers_of(m) for m in own]
         causes = {h["causation_id"] for h in mine if h.get("causation_id")}
         return causes <= {h.get("id") for h in mine} or time.monotonic() - satisfied[0] > 3.0
 

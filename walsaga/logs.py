@@ -82,6 +82,9 @@ class _KafkaRepeats(logging.Filter):
         return True
 
 
+_kafka_repeats = _KafkaRepeats()
+
+
 class _Seal(logging.Filter):
     """Once set, lets through only the lines of the thread that set it."""
 
@@ -152,10 +155,7 @@ def configure(level: str = "info", fmt: str = "console") -> None:
         lib = logging.getLogger(name)
         lib.handlers.clear()
         lib.propagate = True
-    kafka = logging.getLogger(KAFKA_LOGGER)
-    for old_filter in list(kafka.filters):
-        kafka.removeFilter(old_filter)
-    kafka.addFilter(_KafkaRepeats())
+    logging.getLogger(KAFKA_LOGGER).addFilter(_kafka_repeats)  # once, however often called
     # Chatty at INFO for every request; walsaga logs what matters itself.
     for name in ("httpx", "httpcore"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
