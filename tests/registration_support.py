@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -37,6 +38,7 @@ from tests.support import (
     RelayProcess,
     consumer,
     create_topics,
+    join_own_group,
     start_at_the_end,
     wait_all_assigned,
     wait_until,
@@ -59,6 +61,7 @@ class Provider:
         self._faults: dict[str, float] = {}
         self._down = threading.Event()
         self._stop = threading.Event()
+        self._held: socket.socket | None = None
         if not process:
             self.served = Served(create_app(Users(), faults), port=self.port).start()
         else:
@@ -90,6 +93,8 @@ class Provider:
         )
         log.close()
         wait_for_port(self.port, timeout_s=60)
+        time.sleep(0.2)
+        assert self.proc.poll() is None, f"the provider exited; is port {self.port} taken?"
         if self._faults:
             self.faults(**self._faults)
 
@@ -112,13 +117,24 @@ class Provider:
         return users
 
     def down(self) -> None:
-        """Stop the process (connections are refused) until :meth:`up`."""
+        """Stop the process (connections are refused) until :meth:`up`.
+
+        The port stays taken meanwhile, by a socket that is bound but does not
+        listen: another test's server started on it would take this test's
+        calls, and answer for its users.
+        """
         assert self.proc is not None
         self._down.set()
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._held = socket.socket()
+        self._held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._held.bind(("127.0.0.1", self.port))
 
     def up(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
         self._launch()
         self._down.clear()
 
@@ -174,6 +190,7 @@ class Site:
     threads: dict[str, threading.Thread] = field(default_factory=dict)
     workers: dict[str, EffectWorker] = field(default_factory=dict)
     processes: dict[str, WorkerProcess] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
 
     # -- running -----------------------------------------------------------
 
@@ -185,7 +202,7 @@ class Site:
         self.participants["identity"] = identity.participant(dsn=self.dsns["identity"], kafka=kafka)
         self.participants["notifier"] = notifier.participant(dsn=self.dsns["notifier"], kafka=kafka)
         for name, p in self.participants.items():
-            start_at_the_end(self.broker, p.name, p.topics)
+            join_own_group(p, self.groups, self.broker)
             self.threads[name] = threading.Thread(target=p.run, name=name, daemon=True)
             self.threads[name].start()
         wait_all_assigned(self.participants, self.threads)

@@ -26,7 +26,14 @@ from participants.examples.embedded import free_port
 from participants.orchestrator import Orchestrator
 from participants.runtime import Participant
 from participants.saga import Saga
-from tests.support import WALSAGA, RelayProcess, create_topics, wait_all_assigned, wait_until
+from tests.support import (
+    WALSAGA,
+    RelayProcess,
+    create_topics,
+    own_group,
+    wait_all_assigned,
+    wait_until,
+)
 
 TOPICS = [orders.ORDER_TOPIC, orders.CUSTOMER_TOPIC, orders.CUSTOMER_COMMANDS]
 
@@ -57,7 +64,15 @@ class Shop:
     orchestrator: Orchestrator | None
     participants: dict[str, Participant] = field(default_factory=dict)
     threads: dict[str, threading.Thread] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
     crashes: int = 0
+
+    def kafka(self, name: str) -> dict[str, Any]:
+        """Service `name`'s consumer settings: the broker, and a group of this
+        test's own (the same one each time the service starts again)."""
+        if name not in self.groups:
+            self.groups[name] = own_group(self.broker, name, TOPICS)
+        return {"bootstrap.servers": self.broker, "group.id": self.groups[name]}
 
     def start_participant(self, name: str, *, crash_probability: float = 0.0) -> Participant:
         """(Re)start one of the two services in a thread of its own.
@@ -65,9 +80,12 @@ class Shop:
         With `crash_probability`, each handled record may kill the service
         after its handler ran and before the transaction commits.
         """
-        kafka = {"bootstrap.servers": self.broker}
+        kafka = self.kafka(name)
         if name == "customer-service":
-            participant = declarative.build(customers.config(self.customers_dsn, self.broker))
+            config = customers.config(self.customers_dsn, self.broker)
+            participant = declarative.build(
+                config.model_copy(update={"kafka": {**config.kafka, **kafka}})
+            )
         else:
             participant = orders.participant(
                 dsn=self.orders_dsn, kafka=kafka, mode=self.mode, orchestrator=self.orchestrator
@@ -227,6 +245,8 @@ class OrderServiceProcess:
     args: list[str]
     log: Path
     port: int
+    #: The consumer group (``WALSAGA_KAFKA__GROUP_ID``); the service's name when None.
+    group: str | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -238,8 +258,16 @@ class OrderServiceProcess:
             self.proc = subprocess.Popen(
                 [WALSAGA, "order-service", *self.args, "--host", "127.0.0.1",
                  "--port", str(self.port)],
-                stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ),
+                stdout=out, stderr=subprocess.STDOUT, env=self.env(),
             )  # fmt: skip
+
+    def env(self) -> dict[str, str]:
+        group = {"WALSAGA_KAFKA__GROUP_ID": self.group} if self.group else {}
+        return {**os.environ, **group}
+
+    def again(self, log: Path) -> OrderServiceProcess:
+        """The same service (database, group) to launch anew, logging to `log`."""
+        return dataclasses.replace(self, log=log, port=free_port(), proc=None)
 
     def healthy(self) -> bool:
         try:
@@ -297,7 +325,12 @@ def running_order_service(
     if customer_directory:
         args += ["--customers-dsn", customers_dsn]
     args += extra_args or []
-    service = OrderServiceProcess(args, tmp_path / "order-service.log", free_port())
+    service = OrderServiceProcess(
+        args,
+        tmp_path / "order-service.log",
+        free_port(),
+        group=own_group(broker, "order-service", TOPICS),
+    )
     service.launch()
     relay: RelayProcess | None = None
     shop: Shop | None = None

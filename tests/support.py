@@ -40,6 +40,28 @@ def wait_until(
         time.sleep(interval_s)
 
 
+def own_group(bootstrap: str, name: str, topics: Iterable[str]) -> str:
+    """A consumer group for service `name` that no other test uses, started at
+    the end of `topics`.
+
+    On the shared broker a group is only as healthy as its last member's exit:
+    a consumer stopped (or killed) while it joins can leave the embedded
+    broker's group unable to assign partitions to anyone after it, so every
+    test's services join groups of their own.
+    """
+    group = f"{name}.{uuid.uuid4().hex[:8]}"
+    start_at_the_end(bootstrap, group, topics)
+    return group
+
+
+def join_own_group(participant: Any, groups: dict[str, str], bootstrap: str) -> None:
+    """Have `participant` consume in the group `groups` holds for its name: one
+    of its test's own (:func:`own_group`), the same each time it starts again."""
+    if participant.name not in groups:
+        groups[participant.name] = own_group(bootstrap, participant.name, participant.topics)
+    participant.kafka = {**participant.kafka, "group.id": groups[participant.name]}
+
+
 def start_at_the_end(bootstrap: str, group: str, topics: Iterable[str]) -> None:
     """Commit `group`'s offsets at the end of each of `topics` that exists.
 
@@ -47,13 +69,23 @@ def start_at_the_end(bootstrap: str, group: str, topics: Iterable[str]) -> None:
     group started afresh would read every record earlier tests left there (and
     a group name an earlier test used, the ones it had not committed). Started
     here, the group sees only what is written from now on.
+
+    The end is found by reading, not asked for: the embedded broker answers a
+    request for a partition's end offset with the first offset of its last
+    record batch plus one, which can lie inside that batch. Reading from just
+    before it runs to the true end (the fetch's end of partition is right).
     """
     consumer = Consumer(
-        {"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False}
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
     )
     try:
         existing = consumer.list_topics(timeout=10).topics
-        ends = []
+        ends: dict[tuple[str, int], int] = {}
         for topic in topics:
             if topic not in existing:
                 continue
@@ -61,9 +93,27 @@ def start_at_the_end(bootstrap: str, group: str, topics: Iterable[str]) -> None:
                 _, high = consumer.get_watermark_offsets(
                     TopicPartition(topic, partition), timeout=10
                 )
-                ends.append(TopicPartition(topic, partition, high))
+                ends[topic, partition] = high
+        unread = {tp for tp, high in ends.items() if high > 0}
+        consumer.assign([TopicPartition(t, p, max(ends[t, p] - 1, 0)) for t, p in unread])
+        deadline = time.monotonic() + 30
+        while unread and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            at = (msg.topic(), msg.partition())
+            error = msg.error()
+            if error is None:
+                ends[at] = max(ends[at], msg.offset() + 1)
+            elif error.code() == KafkaError._PARTITION_EOF:
+                ends[at] = max(ends[at], msg.offset())
+                unread.discard(at)
+        assert not unread, f"could not read to the end of {sorted(unread)}"
         if ends:
-            consumer.commit(offsets=ends, asynchronous=False)
+            consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in ends.items()],
+                asynchronous=False,
+            )
     finally:
         consumer.close()
 

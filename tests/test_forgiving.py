@@ -33,7 +33,7 @@ from participants.examples import customers, orders
 from participants.examples.embedded import free_port
 from participants.orchestrator import saga_log, saga_status
 from tests.shop import TOPICS, OrderServiceProcess, Shop, running_shop
-from tests.support import WALSAGA, RelayProcess, create_topics, wait_until
+from tests.support import WALSAGA, RelayProcess, create_topics, own_group, wait_until
 
 LIMIT_REASON = "credit limit"
 CREDIT = {"rich": 1e9, "poor": 100.0}
@@ -78,6 +78,7 @@ def everything_as_processes(
         ["--dsn", orders_dsn, "--bootstrap-servers", broker, "--mode", mode],
         tmp_path / "order-service.log",
         free_port(),
+        group=own_group(broker, "order-service", TOPICS),
     )
     customer_service = Process(
         ["participant", "--config", str(customers.HANDLERS)],
@@ -85,6 +86,7 @@ def everything_as_processes(
         {
             "WALSAGA_PARTICIPANT__DSN": customers_dsn,
             "WALSAGA_KAFKA__BOOTSTRAP_SERVERS": broker,
+            "WALSAGA_KAFKA__GROUP_ID": own_group(broker, "customer-service", TOPICS),
         },
     )
     order_service.launch()

@@ -18,8 +18,8 @@ import psycopg
 
 from participants.examples import customers, orders
 from participants.examples.embedded import free_port
-from tests.shop import OrderServiceProcess
-from tests.support import RelayProcess, wait_until
+from tests.shop import TOPICS, OrderServiceProcess
+from tests.support import RelayProcess, own_group, wait_until
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
@@ -45,6 +45,7 @@ def test_the_order_service_logs_only_json_lines(
          "--log-format", "json", "--log-level", "info"],
         tmp_path / "order-service.log",
         free_port(),
+        group=own_group(broker, "order-service", TOPICS),  # it stops while it joins
     )  # fmt: skip
     service.launch()
     try:

@@ -120,7 +120,7 @@ def waiting_requests(service: OrderServiceProcess) -> int:
 
 
 def restart(service: OrderServiceProcess, tmp_path: Path, name: str) -> OrderServiceProcess:
-    again = OrderServiceProcess(service.args, tmp_path / f"{name}.log", free_port())
+    again = service.again(tmp_path / f"{name}.log")
     again.launch()
     again.wait_healthy()
     return again

@@ -160,16 +160,19 @@ def test_an_idle_outbox_on_a_busy_cluster_keeps_the_slot_moving(
                 busy.execute("INSERT INTO noise (body) SELECT repeat('y', 500) "
                               "FROM generate_series(1, 2000)")  # fmt: skip
                 written += 2 * 2000 * 500
-                lags.append(retained())
+                lags.append((*retained(), written))
                 time.sleep(0.2)
         # The slot follows the WAL: what it holds back stays far below what was
         # written. Postgres moves restart_lsn only at its running-transactions
-        # records (every 15 s), so the kept WAL is bounded by ~15 s of writes.
+        # records (every 15 s, later on a loaded machine), so the kept WAL grows
+        # with every write between two of them, then drops. A slot that never
+        # moves keeps more than was written (WAL is larger than the rows' text).
         print("written", written, "lags", lags)
         assert written > 100_000_000
         late = lags[len(lags) // 2 :]
-        assert max(unconfirmed for unconfirmed, _ in late) < 5_000_000, lags
-        assert max(kept for _, kept in late) < written * 0.8, lags
+        assert max(unconfirmed for unconfirmed, _, _ in late) < 5_000_000, lags
+        moving = lags[len(lags) // 4 :]
+        assert min(kept / so_far for _, kept, so_far in moving) < 0.5, lags
         assert relay.terminate() == 0
 
 

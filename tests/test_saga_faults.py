@@ -254,7 +254,7 @@ def test_two_orchestrator_instances_share_the_sagas_and_one_can_die(
     with running_shop(tmp_path, make_database, broker, "orchestration", credit=credit) as shop:
         second = orders.participant(
             dsn=shop.orders_dsn,
-            kafka={"bootstrap.servers": broker},
+            kafka=shop.kafka("order-service"),
             mode="orchestration",
             orchestrator=orders.orchestrator(),
         )

@@ -20,7 +20,13 @@ from participants.examples.travel import car, flight, hotel, trip
 from participants.orchestrator import Orchestrator, saga_log
 from participants.runtime import Participant
 from participants.saga import Saga
-from tests.support import RelayProcess, create_topics, wait_all_assigned, wait_until
+from tests.support import (
+    RelayProcess,
+    create_topics,
+    join_own_group,
+    wait_all_assigned,
+    wait_until,
+)
 
 TOPICS = [
     *(topic for b in trip.BOOKINGS for topic in (b.commands, b.events)),
@@ -45,15 +51,22 @@ class Travel:
     orchestrator: Orchestrator
     participants: dict[str, Participant] = field(default_factory=dict)
     threads: dict[str, threading.Thread] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
 
     # -- services ----------------------------------------------------------
 
-    def start(self, name: travel.ServiceName) -> Participant:
-        """(Re)start one service in a thread of its own."""
+    def build(self, name: travel.ServiceName) -> Participant:
+        """Service `name`'s participant, in its consumer group of this test."""
         settings: dict[str, Any] = {"orchestrator": self.orchestrator} if name == "trip" else {}
         participant = travel.service(
             name, dsn=self.dsns[name], bootstrap_servers=self.broker, **settings
         )
+        join_own_group(participant, self.groups, self.broker)
+        return participant
+
+    def start(self, name: travel.ServiceName) -> Participant:
+        """(Re)start one service in a thread of its own."""
+        participant = self.build(name)
         thread = threading.Thread(target=participant.run, name=f"{name}-service", daemon=True)
         thread.start()
         self.participants[name] = participant
@@ -200,6 +213,9 @@ def running_travel(
     try:
         for name in travel.SERVICES:
             relay.wait_streaming(name)
+            # Every service's group starts here, before the first trip: one
+            # started later reads the commands sent to it meanwhile.
+            site.build(name)
         for name in services:
             site.start(name)
         site.wait_ready()
