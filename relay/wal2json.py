@@ -243,28 +243,57 @@ class CommitTimes:
     """Turns wal2json commit timestamps ('2026-11-22 00:07:53.80986+00') into epoch
     seconds, epoch milliseconds (the Kafka record timestamp) and RFC 3339 text.
 
-    Events of one transaction share their timestamp, so the last parse is kept.
+    Events of one transaction share their timestamp, so the last parse is kept;
+    with one event per transaction every event brings a new one, so the parse
+    is cheap: the whole seconds (date, time of day and zone) are converted once
+    per second and cached, the fraction is added as digits. The RFC 3339 text
+    is built only when asked for (CloudEvents' ``time``).
     """
 
-    __slots__ = ("_epoch", "_iso", "_ms", "_text")
+    __slots__ = ("_iso", "_micros", "_ms", "_seconds", "_text", "_whole")
 
     def __init__(self) -> None:
         self._text: str | None = None
-        self._epoch = 0.0
+        self._whole = 0  # epoch seconds of the last timestamp, whole
+        self._micros = 0  # and its fraction, in microseconds
         self._ms = 0
-        self._iso = ""
+        self._iso: str | None = None
+        self._seconds: dict[str, int] = {}  # 'YYYY-MM-DD HH:MM:SS±zone' -> epoch seconds
 
     def _parse(self, commit_time: str) -> None:
-        moment = datetime.fromisoformat(commit_time)
-        self._epoch = moment.timestamp()
-        self._ms = int(self._epoch * 1000)
-        self._iso = moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        # 'YYYY-MM-DD HH:MM:SS' (19 characters), an optional '.' and 1-6
+        # digits, then the zone ('+00', '-03:30'). Anything else: the general parse.
+        if commit_time[19:20] == ".":
+            zone = commit_time.find("+", 20)
+            if zone < 0:
+                zone = commit_time.find("-", 20)
+            digits = commit_time[20:zone]
+            ok = zone > 0 and 0 < len(digits) <= 6 and digits.isdigit()
+            micros = int(digits) * _SCALE[len(digits)] if ok else -1
+        else:
+            zone, micros = 19, 0
+        if micros < 0:
+            moment = datetime.fromisoformat(commit_time)
+            whole, micros = int(moment.replace(microsecond=0).timestamp()), moment.microsecond
+        else:
+            whole_text = commit_time[:19] + commit_time[zone:]
+            found = self._seconds.get(whole_text)
+            if found is None:
+                found = int(datetime.fromisoformat(whole_text).timestamp())
+                if len(self._seconds) >= 1024:
+                    self._seconds.clear()
+                self._seconds[whole_text] = found
+            whole = found
+        self._whole = whole
+        self._micros = micros
+        self._ms = whole * 1000 + micros // 1000
+        self._iso = None
         self._text = commit_time
 
     def epoch(self, commit_time: str) -> float:
         if commit_time != self._text:
             self._parse(commit_time)
-        return self._epoch
+        return self._whole + self._micros / 1e6
 
     def millis(self, commit_time: str | None) -> int:
         """Epoch milliseconds (0, "now" to librdkafka, when there is no commit time)."""
@@ -277,7 +306,14 @@ class CommitTimes:
     def rfc3339(self, commit_time: str) -> str:
         if commit_time != self._text:
             self._parse(commit_time)
+        if self._iso is None:
+            moment = datetime.fromtimestamp(self._whole, UTC).replace(microsecond=self._micros)
+            self._iso = moment.isoformat().replace("+00:00", "Z")
         return self._iso
+
+
+#: Microseconds per unit of a fraction with this many digits.
+_SCALE = (0, 100_000, 10_000, 1_000, 100, 10, 1)
 
 
 def format_lsn(lsn: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import orjson
@@ -106,6 +107,58 @@ def test_commit_times_parse_wal2json_timestamps() -> None:
     times = CommitTimes()
     assert times.epoch("1970-01-01 00:00:01.5+00") == 1.5
     assert times.epoch("1970-01-01 01:00:00+01") == 0.0
+    assert times.millis("2026-11-22 00:07:53.80986+00") == 1795306073809
+    assert times.rfc3339("2026-11-22 00:07:53.80986+00") == "2026-11-22T00:07:53.809860Z"
+    assert times.rfc3339("2026-11-22 01:07:53+01") == "2026-11-22T00:07:53Z"
+
+
+def postgres_timestamp(moment: datetime) -> str:
+    """`moment` as Postgres prints a timestamptz (what wal2json writes)."""
+    text = moment.strftime("%Y-%m-%d %H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    offset = moment.utcoffset()
+    assert offset is not None
+    minutes = int(offset.total_seconds()) // 60
+    sign = "-" if minutes < 0 else "+"
+    hours, rest = divmod(abs(minutes), 60)
+    return f"{text}{sign}{hours:02d}" + (f":{rest:02d}" if rest else "")
+
+
+_ZONES = st.sampled_from([0, 60, -180, 330, 345, -570, 840, -720]).map(
+    lambda m: timezone(timedelta(minutes=m))
+)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.datetimes(min_value=datetime(1990, 1, 1), max_value=datetime(2100, 1, 1)),
+            _ZONES,
+            st.sampled_from([0, 1, 2, 3]),  # how many of the next ones share its second
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_commit_times_agree_with_the_general_parse(
+    moments: list[tuple[datetime, timezone, int]],
+) -> None:
+    times = CommitTimes()  # one instance: its cache of whole seconds is exercised
+    texts = []
+    for naive, zone, repeats in moments:
+        moment = naive.replace(tzinfo=zone)
+        texts.append(postgres_timestamp(moment))
+        for i in range(repeats):  # the same second, another fraction
+            texts.append(postgres_timestamp(moment.replace(microsecond=(i * 370_001) % 1_000_000)))
+    for text in texts:
+        expected = datetime.fromisoformat(text)
+        micros = int(expected.replace(microsecond=0).timestamp()) * 1_000_000 + expected.microsecond
+        assert times.millis(text) == micros // 1000, text
+        assert times.epoch(text) == pytest.approx(micros / 1e6, abs=1e-6), text
+        iso = expected.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        assert times.rfc3339(text) == iso, text
 
 
 def test_window_confirms_only_past_events_acknowledged_with_everything_before() -> None:
