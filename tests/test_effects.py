@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+import socket
 import subprocess
 import threading
 from datetime import UTC, datetime
@@ -140,6 +141,34 @@ def test_a_lookup_settles_the_doubt() -> None:
     assert gone.status == "FAILED" and "no trace" in (gone.reason or "")
     unsure = after_lookup(InDoubt("down"), target(), attempts=1, age_s=3)
     assert (unsure.status, unsure.outcome) == ("IN_DOUBT", "lookup_failed")
+
+
+def test_an_answer_cut_short_is_in_doubt_not_an_empty_lookup() -> None:
+    # A provider that dies while answering: the status line and the headers
+    # arrive, then the connection closes before the body it announced.
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer_halfway() -> None:
+        for part in (b"", b'{"id": "u-1", "ema'):
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 120\r\n\r\n" + part)  # fmt: skip
+
+    thread = threading.Thread(target=answer_halfway, daemon=True)
+    thread.start()
+    lookup = HttpLookup(HttpRequest("GET", f"http://127.0.0.1:{port}/users/external/r-1"))
+    try:
+        for _ in range(2):  # nothing of the body, then part of it
+            result = lookup(effect(), 2.0)
+            assert isinstance(result, InDoubt), result
+            assert "broke off" in result.error
+            assert after_lookup(result, target(), attempts=1, age_s=3) is not CALL_NOW
+    finally:
+        thread.join(5)
+        server.close()
 
 
 # -- templates and the declared form --------------------------------------------------

@@ -4,14 +4,18 @@ standby takeover, a huge transaction. Nothing may be lost; repeats keep their id
 from __future__ import annotations
 
 import random
+import shutil
+import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from participants.examples.embedded import LocalPostgres
 from tests.conftest import PgServer
 from tests.support import (
     RelayProcess,
@@ -22,6 +26,7 @@ from tests.support import (
     wait_until,
     write_events,
 )
+from walsaga import schema
 
 pytestmark = pytest.mark.slow
 
@@ -122,10 +127,29 @@ def test_a_postgres_restart_mid_stream_loses_nothing(
         assert "stream interrupted, retrying" in relay.read_log()
 
 
+@pytest.fixture
+def own_cluster() -> Iterator[LocalPostgres]:
+    """A Postgres cluster of the test's own. A slot's restart position cannot
+    pass the oldest transaction open anywhere in its cluster, so a transaction
+    another test left open on the shared cluster would hold it."""
+    base = Path(tempfile.mkdtemp(prefix="walsaga-test-pg-"))
+    base.chmod(0o755)  # the cluster runs as another user when started as root
+    cluster = LocalPostgres(base / "pg", durable=False)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop(mode="immediate")
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def test_an_idle_outbox_on_a_busy_cluster_keeps_the_slot_moving(
-    tmp_path: Path, walsaga_db: str, make_database: object, broker: str
+    tmp_path: Path, own_cluster: LocalPostgres, broker: str
 ) -> None:
-    other: str = make_database()  # type: ignore[operator]
+    walsaga_db = own_cluster.create_database("orders")
+    with psycopg.connect(walsaga_db) as conn:
+        schema.apply(conn, "core")
+    other = own_cluster.create_database("other")
     with RelayProcess.start(
         tmp_path,
         bootstrap=broker,

@@ -224,6 +224,11 @@ def send(
                 size += len(chunk)
                 if size <= _MAX_BODY:
                     chunks.append(chunk)
+            if response.length:
+                # http.client ends a body cut short (a server that died while
+                # answering) without an error: a lookup would read "found
+                # nothing" into half an answer, and call again.
+                raise SentError(f"the answer broke off after {size} bytes of its body")
             return Answer(response.status, b"".join(chunks), dict(response.getheaders()))
         except TimeoutError as e:
             raise SentError(f"no answer within {timeout_s:g}s") from e
