@@ -65,8 +65,13 @@ def test_kill_9_at_random_moments_loses_nothing(
     assert set(seen) == set(written), "every committed event was published"
     repeats = sum(seen.values()) - len(seen)
     print(f"kill -9 x8: {len(written)} events, {repeats} repeats ({repeats / len(written):.1%})")
-    # Repeats are allowed (at-least-once) but only from the unacknowledged window.
-    assert repeats < len(written) * 0.2, f"{repeats} repeats for {len(written)} events"
+    # Repeats are allowed (at-least-once) but only from the unacknowledged
+    # window: usually under 1% here. A relay that did not confirm between kills
+    # would send everything again after each one, about four times the events
+    # over eight kills. On a loaded machine a restarted relay can be killed
+    # again before Kafka acknowledged anything, and sends its window a second
+    # time (a third of the events, seen once).
+    assert repeats < len(written), f"{repeats} repeats for {len(written)} events"
     values = {}
     for m in records:
         values.setdefault(headers_of(m)["id"], set()).add(m.value())
