@@ -93,8 +93,6 @@ class Provider:
         )
         log.close()
         wait_for_port(self.port, timeout_s=60)
-        time.sleep(0.2)
-        assert self.proc.poll() is None, f"the provider exited; is port {self.port} taken?"
         if self._faults:
             self.faults(**self._faults)
 

@@ -30,6 +30,7 @@ from tests.support import (
     WALSAGA,
     RelayProcess,
     create_topics,
+    join_own_group,
     own_group,
     wait_all_assigned,
     wait_until,
@@ -67,29 +68,20 @@ class Shop:
     groups: dict[str, str] = field(default_factory=dict)
     crashes: int = 0
 
-    def kafka(self, name: str) -> dict[str, Any]:
-        """Service `name`'s consumer settings: the broker, and a group of this
-        test's own (the same one each time the service starts again)."""
-        if name not in self.groups:
-            self.groups[name] = own_group(self.broker, name, TOPICS)
-        return {"bootstrap.servers": self.broker, "group.id": self.groups[name]}
-
     def start_participant(self, name: str, *, crash_probability: float = 0.0) -> Participant:
         """(Re)start one of the two services in a thread of its own.
 
         With `crash_probability`, each handled record may kill the service
         after its handler ran and before the transaction commits.
         """
-        kafka = self.kafka(name)
+        kafka = {"bootstrap.servers": self.broker}
         if name == "customer-service":
-            config = customers.config(self.customers_dsn, self.broker)
-            participant = declarative.build(
-                config.model_copy(update={"kafka": {**config.kafka, **kafka}})
-            )
+            participant = declarative.build(customers.config(self.customers_dsn, self.broker))
         else:
             participant = orders.participant(
                 dsn=self.orders_dsn, kafka=kafka, mode=self.mode, orchestrator=self.orchestrator
             )
+        join_own_group(participant, self.groups, self.broker)
         if crash_probability:
             crash_after_handling(participant, crash_probability, seed=self.crashes * 31 + len(name))
 

@@ -22,7 +22,7 @@ from participants.orchestrator import Orchestrator, saga_log, saga_status
 from participants.runtime import Participant
 from participants.saga import Command, RetryPolicy, Saga, Step
 from tests.shop import TOPICS, Shop, running_shop
-from tests.support import RelayProcess, consume, create_topics, wait_until
+from tests.support import RelayProcess, consume, create_topics, join_own_group, wait_until
 from walsaga import schema
 from walsaga.errors import BusinessError
 
@@ -254,10 +254,11 @@ def test_two_orchestrator_instances_share_the_sagas_and_one_can_die(
     with running_shop(tmp_path, make_database, broker, "orchestration", credit=credit) as shop:
         second = orders.participant(
             dsn=shop.orders_dsn,
-            kafka=shop.kafka("order-service"),
+            kafka={"bootstrap.servers": broker},
             mode="orchestration",
             orchestrator=orders.orchestrator(),
         )
+        join_own_group(second, shop.groups, broker)  # the first instance's group
         thread = threading.Thread(target=second.run, daemon=True)
         thread.start()
         try:
