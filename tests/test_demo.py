@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -118,6 +119,27 @@ def assert_all_gone(directory: Path) -> None:
     alive = {name: r.pid for name, r in records.items() if r.is_running()}
     assert not alive, f"left running: {alive}"
     assert not using(directory), f"left running: {using(directory)}"
+
+
+def test_a_process_recorded_the_moment_it_starts_is_recognised_later() -> None:
+    # Popen returns while the child may still be inside exec(), its arguments
+    # not yet in place: a record taken then must still match the program. The
+    # window is widest on busy cores, so keep both cores busy meanwhile.
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
+    try:
+        for _ in range(100):
+            child = subprocess.Popen(["sleep", "60"])
+            try:
+                record = ProcessRecord.of("relay", child.pid)
+                assert record is not None and record.cmdline == ("sleep", "60")
+                assert record.is_running()
+            finally:
+                child.kill()
+                child.wait()
+    finally:
+        for hog in busy:
+            hog.kill()
+            hog.wait()
 
 
 def test_a_recorded_pid_that_another_process_has_now_is_left_alone(tmp_path: Path) -> None:

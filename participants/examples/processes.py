@@ -47,6 +47,14 @@ class ProcessRecord:
     def of(cls, name: str, pid: int) -> ProcessRecord | None:
         """The record of the running process `pid` (None if there is none)."""
         seen = _proc_status(pid)
+        # A child still inside exec() has no arguments yet: the parent is woken
+        # (and Popen returns) once the old image is dropped, before the new
+        # one's arguments are in place. Recorded then, the record would never
+        # match the running program.
+        deadline = time.monotonic() + 1.0
+        while seen is not None and not seen[2] and seen[0] != "Z" and time.monotonic() < deadline:
+            time.sleep(0.001)
+            seen = _proc_status(pid)
         if seen is None:
             return None
         _, started, cmdline = seen
