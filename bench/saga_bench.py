@@ -162,7 +162,7 @@ class System:
         write_toml(
             self.base / "relay.toml",
             {
-                "kafka": {"bootstrap.servers": bootstrap},
+                "kafka": {"bootstrap.servers": bootstrap, **dict(self.args.relay_kafka)},
                 "relay": {
                     "http_port": self.ports["relay"],
                     "http_host": "127.0.0.1",
@@ -388,6 +388,13 @@ def budget(system: System, count: int) -> None:
               "-> reply): " + " / ".join(f"{h:.1f}" for h in hops) + " ms")  # fmt: skip
 
 
+def _setting(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--generate":
         port, rate, seconds, connections = sys.argv[2:6]
@@ -404,6 +411,9 @@ def main() -> None:
     ap.add_argument("--max-backlog", type=int, default=1000, help="the order service's bound")
     ap.add_argument("--budget-sagas", type=int, default=40)
     ap.add_argument("--no-overload", action="store_true")
+    ap.add_argument("--relay-kafka", type=_setting, action="append", default=[],
+                    metavar="KEY=VALUE",
+                    help="a librdkafka setting of the relay's producer (linger.ms=5)")  # fmt: skip
     args = ap.parse_args()
 
     base = Path(tempfile.mkdtemp(prefix="walsaga-bench-saga-"))

@@ -79,6 +79,10 @@ class RelaySettings(Strict):
     )
     http_host: str = "0.0.0.0"
     http_port: int | None = Field(default=9108, ge=0, le=65535)
+    #: false (default): when nothing is in flight and the relay has caught up
+    #: with the WAL, what it just read is sent at once; linger.ms then applies
+    #: only under load, where it batches. true: linger.ms applies always.
+    linger_when_idle: bool = False
     #: How often the confirmed position is reported to Postgres while events flow.
     feedback_interval_s: float = Field(default=0.01, gt=0, le=10)
     #: A position-only message is written after this long without any event.

@@ -40,6 +40,8 @@ from walsaga.errors import DecodeError, DeliveryError, TransientError, from_psyc
 
 #: Messages handled per read turn before serving acknowledgements and timers.
 READ_BUDGET = 5000
+#: How long a send at once waits for its acknowledgement (``linger_when_idle``).
+SEND_NOW_WAIT_S = 0.001
 #: Slot lag and invalidation are checked this often.
 SLOT_CHECK_INTERVAL_S = 2.0
 #: How long a clean stop waits for Kafka to acknowledge what is in flight.
@@ -147,12 +149,21 @@ class Session:
         window = self.window
         producer = self.producer
         feedback = self.feedback
+        send_at_once = not self.settings.linger_when_idle
         selector = selectors.DefaultSelector()
         selector.register(self.pgconn.socket, selectors.EVENT_READ)
         try:
             while not stopping():
+                idle = send_at_once and not len(producer)
                 read = self._read()
-                self._poll(0)
+                if idle and 0 < read < READ_BUDGET and len(producer):
+                    # Nothing was in flight and the relay has caught up with
+                    # the WAL: no batch is forming, so waiting linger.ms would
+                    # only delay this one (a saga's next step). Under load
+                    # something is always in flight and linger.ms batches.
+                    self._send_now()
+                else:
+                    self._poll(0)
                 if window.failed:
                     self._resolve_failures()
                 if self.halt_reason is not None:
@@ -530,6 +541,15 @@ class Session:
             # confluent-kafka raises a fatal producer error from poll() rather
             # than passing it to error_cb: the session restarts with a new
             # producer, from the slot's confirmed position.
+            raise TransientError(f"kafka producer failed: {e}") from e
+
+    def _send_now(self) -> None:
+        """Send what is queued without waiting for linger.ms: only flush() does
+        that, so wait for the acknowledgement too, briefly (the loop serves the
+        rest)."""
+        try:
+            self.producer.flush(SEND_NOW_WAIT_S)
+        except KafkaException as e:
             raise TransientError(f"kafka producer failed: {e}") from e
 
     def _check_producer(self) -> None:

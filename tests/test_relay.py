@@ -376,3 +376,38 @@ def test_a_slot_made_at_deploy_keeps_events_written_before_the_relay_first_runs(
         assert "is healthy" in refused.stderr
     finally:
         relay.kill()
+
+
+def test_an_event_on_an_idle_relay_leaves_without_waiting_for_linger(
+    tmp_path: Path, walsaga_db: str, broker: str
+) -> None:
+    # linger.ms batches under load; an event alone (a saga's next step) should
+    # not wait for it, unless linger_when_idle asks for that.
+    topic = topic_name("idle")
+    create_topics(broker, [topic], partitions=1)
+    p50 = {}
+    for linger_when_idle in (False, True):
+        name = f"relay-{linger_when_idle}"
+        with RelayProcess.start(
+            tmp_path,
+            bootstrap=broker,
+            sources={"orders": walsaga_db},
+            name=name,
+            kafka={"linger.ms": 400},
+            relay={"linger_when_idle": linger_when_idle},
+        ) as relay:
+            relay.wait_streaming("orders")
+            for n in range(1, 6):  # one at a time: nothing in flight when each is read
+                write_events(walsaga_db, 1, aggregatetype=topic)
+
+                def published(n: int = n) -> bool:
+                    report = relay.health()
+                    sources = report["sources"] if report is not None else {}
+                    return bool(sources) and sources["orders"]["events_published"] >= n
+
+                wait_until(published, timeout_s=30, what=f"event {n} acknowledged")
+            report = relay.health()
+            assert report is not None
+            p50[linger_when_idle] = report["sources"]["orders"]["commit_to_ack_ms"]["p50"]
+    assert p50[False] < 200, p50
+    assert p50[True] >= 400, p50
