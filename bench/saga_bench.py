@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -62,7 +63,6 @@ def generator_process(port: int, rate: float, seconds: float, connections: int) 
     sending at its turn (a small asyncio client: little CPU per request); prints
     how many were sent and how many were refused."""
     import asyncio
-    import random
 
     async def run() -> tuple[int, int]:
         sent = refused = 0
@@ -71,9 +71,11 @@ def generator_process(port: int, rate: float, seconds: float, connections: int) 
         async def connection(k: int) -> None:
             nonlocal sent, refused
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            n = 0
+            # Arrivals at random (a Poisson process of the asked rate), not on a
+            # grid: a grid locks into step with the clients' periodic work (a
+            # consumer's fetch cycle) and measures one phase of it.
+            due = start + random.expovariate(rate / connections)
             while True:
-                due = start + (n * connections + k) / rate
                 if due - start >= seconds:
                     break
                 wait = due - time.monotonic()
@@ -92,7 +94,7 @@ def generator_process(port: int, rate: float, seconds: float, connections: int) 
                 await reader.readexactly(length)
                 sent += 1
                 refused += 0 if status.startswith(b"HTTP/1.1 2") else 1
-                n += 1
+                due += random.expovariate(rate / connections)
             writer.close()
 
         await asyncio.gather(*(connection(k) for k in range(connections)))
@@ -351,7 +353,7 @@ def budget(system: System, count: int) -> None:
         since = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
     for n in range(count):
         place_one(system.ports["order-service"], f"c{n % system.args.customers}")
-        time.sleep(0.05)
+        time.sleep(random.uniform(0.04, 0.08))  # not a fixed period: see generator_process
     hops = hop_times(system, since)
     try:
         stages = system.stages()
