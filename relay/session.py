@@ -41,7 +41,7 @@ from walsaga.errors import DecodeError, DeliveryError, TransientError, from_psyc
 #: Messages handled per read turn before serving acknowledgements and timers.
 READ_BUDGET = 5000
 #: How long a send at once waits for its acknowledgement (``linger_when_idle``).
-SEND_NOW_WAIT_S = 0.001
+SEND_NOW_WAIT_S = 0.005
 #: Slot lag and invalidation are checked this often.
 SLOT_CHECK_INTERVAL_S = 2.0
 #: How long a clean stop waits for Kafka to acknowledge what is in flight.
