@@ -31,6 +31,7 @@ test-quick: setup
 bench: setup
 	$(PY) bench/capture_bench.py
 	$(PY) bench/relay_bench.py
+	$(PY) bench/relay_floor.py
 	$(PY) bench/saga_bench.py
 
 clean:

@@ -14,11 +14,12 @@ of each configuration and its ratio to the plain table's, and the backend CPU
 time and WAL of one INSERT transaction in each configuration (CPU time, unlike
 tps, is barely skewed by other load on the machine).
 
-Beside those, the CPU samples measure two floors of outbox mode, with the
-deployed trigger's body replaced: a trigger that does nothing (what firing an
-AFTER ROW PL/pgSQL trigger costs), and one that inserts a constant outbox row
-(what a second row and its index cost, whatever the payload). What outbox mode
-costs above the second is all that building the event can save.
+Beside those, the CPU samples measure floors, with the deployed trigger's
+body replaced: a trigger that does nothing (what firing an AFTER ROW PL/pgSQL
+trigger costs), one that inserts a constant outbox row (what a second row and
+its index cost, whatever the payload), and one that emits a constant logical
+message. What a mode costs above its constant floor is all that building the
+event can save.
 
     .venv/bin/python bench/capture_bench.py [--clients 4] [--duration-s 10] [--rounds 6]
 """
@@ -80,14 +81,26 @@ LABELS = {
     "message": "message mode",
     "empty": "  floor: a trigger that does nothing",
     "constant": "  floor: a trigger that inserts a constant outbox row",
+    "constant-message": "  floor: a trigger that emits a constant message",
 }
-# Outbox mode's floors (CPU samples only): the deployed trigger function with
+# The floors (CPU samples only): the deployed trigger function of a mode with
 # another body.
+_CONSTANT_EVENT = (
+    '{"id": "0193a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b", "aggregatetype": "order", '
+    '"aggregateid": "1", "type": "OrderCreated", "payload": {"id": 1}, "headers": {}}'
+)
 FLOORS = {
-    "empty": "BEGIN RETURN NULL; END",
+    "empty": ("outbox", "BEGIN RETURN NULL; END"),
     "constant": (
+        "outbox",
         "BEGIN INSERT INTO walsaga.outbox (aggregatetype, aggregateid, type, payload, headers) "
-        "VALUES ('order', '1', 'OrderCreated', '{}', '{}'); RETURN NULL; END"
+        "VALUES ('order', '1', 'OrderCreated', '{}', '{}'); RETURN NULL; END",
+    ),
+    "constant-message": (
+        "message",
+        "DECLARE lsn pg_catalog.pg_lsn; BEGIN "
+        f"lsn := pg_catalog.pg_logical_emit_message(true, 'walsaga', '{_CONSTANT_EVENT}'); "
+        "RETURN NULL; END",
     ),
 }
 CPU_SAMPLE_INSERTS = 2000
@@ -182,7 +195,8 @@ def main() -> int:
 
         def configure(configuration: str) -> None:
             # One spec file, so deploying the other mode replaces the trigger.
-            mode = "message" if configuration == "message" else "outbox"
+            mode = FLOORS[configuration][0] if configuration in FLOORS else configuration
+            mode = "message" if mode == "message" else "outbox"
             spec_path.write_text(f'mode = "{mode}"\n{SPEC}')
             spec = load_spec(spec_path)
             with psycopg.connect(dsn) as conn:
@@ -196,7 +210,7 @@ def main() -> int:
                         sql.SQL(
                             "CREATE OR REPLACE FUNCTION {}() RETURNS trigger "
                             "LANGUAGE plpgsql SECURITY DEFINER AS {}"
-                        ).format(function, sql.Literal(FLOORS[configuration]))
+                        ).format(function, sql.Literal(FLOORS[configuration][1]))
                     )
 
         def run(configuration: str, duration_s: int) -> float:
