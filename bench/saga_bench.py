@@ -20,7 +20,8 @@ Phases:
    stages from its /healthz (the relay: commit to sent by the walsender, sent
    to read, read to acknowledged; each participant: commit to received,
    received to its transaction's commit), beside the hop times read from the
-   databases;
+   databases; then each process's CPU with no saga under way (--idle-seconds),
+   the part of CPU per saga that shrinks as the rate grows;
 2. saga latency at a steady --latency-rate;
 3. a ramp of offered rates, up to the highest the system sustains (every saga
    done, completions within 10% of the offer), with CPU per saga by process;
@@ -360,6 +361,21 @@ def phase(system: System, label: str, rate: float, seconds: float) -> dict[str, 
     return result
 
 
+def idle(system: System, seconds: float) -> dict[str, float]:
+    """Each process's CPU with no saga under way, in % of a core: what every
+    rate pays before its sagas (polling consumers, timers, the broker)."""
+    pids = system.pids()
+    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    wall0 = time.monotonic()
+    time.sleep(seconds)
+    wall = time.monotonic() - wall0
+    cores = {name: (cpu_seconds(pid) - cpu0[name]) / wall * 100 for name, pid in pids.items()}
+    print("idle, % of a core by process: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in cores.items())
+          + f"; system {sum(cores.values()):.1f}")  # fmt: skip
+    return cores
+
+
 def budget(system: System, count: int) -> None:
     """Sagas one at a time on an idle system: where one hop's time goes."""
     with psycopg.connect(system.orders_dsn, autocommit=True) as conn:
@@ -425,6 +441,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=4, help="consumer threads per service")
     ap.add_argument("--max-backlog", type=int, default=1000, help="the order service's bound")
     ap.add_argument("--budget-sagas", type=int, default=150)
+    ap.add_argument("--idle-seconds", type=float, default=10, help="length of the idle phase")
     ap.add_argument("--no-overload", action="store_true")
     ap.add_argument("--relay-kafka", type=_setting, action="append", default=[],
                     metavar="KEY=VALUE",
@@ -444,6 +461,7 @@ def main() -> None:
         for n in range(10):
             place_one(system.ports["order-service"], f"c{n}")
         budget(system, args.budget_sagas)
+        idle(system, args.idle_seconds)
 
         print(f"\nlatency phase: {args.latency_rate:.0f} sagas/s for {args.seconds:.0f} s ...")
         latency = phase(system, f"latency {args.latency_rate:.0f}/s", args.latency_rate,
