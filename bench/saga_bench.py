@@ -31,11 +31,11 @@ Phases:
 
     .venv/bin/python bench/saga_bench.py [--ramp 100 200 ...] [--seconds 15] [--latency-rate 100]
 
-The embedded broker answers a waiting fetch only when its wait ends, so each
-hop waits about half of the consumers' ``fetch.wait.max.ms`` (20 by default;
-Apache Kafka answers at once): ``--consumer-kafka fetch.wait.max.ms=5`` shows
-the hop without most of that wait, at the idle CPU of four times as many
-fetches.
+The embedded broker answers a waiting fetch only when its wait ends, so a
+record that arrives during a fetch waits for the rest of the consumers'
+``fetch.wait.max.ms`` (20 by default; Apache Kafka answers at once):
+``--consumer-kafka fetch.wait.max.ms=5`` shows the hop without most of that
+wait, at the idle CPU of four times as many fetches.
 """
 
 from __future__ import annotations
