@@ -196,7 +196,7 @@ def main() -> int:
         def configure(configuration: str) -> None:
             # One spec file, so deploying the other mode replaces the trigger.
             mode = FLOORS[configuration][0] if configuration in FLOORS else configuration
-            mode = "message" if mode == "message" else "outbox"
+            mode = "outbox" if mode == "plain" else mode
             spec_path.write_text(f'mode = "{mode}"\n{SPEC}')
             spec = load_spec(spec_path)
             with psycopg.connect(dsn) as conn:
