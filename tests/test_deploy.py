@@ -468,13 +468,14 @@ def test_without_a_spec_deploy_installs_then_reports_the_schema_up_to_date(
     first = cli("deploy", "--dsn", legacy_db)
     assert first.exit_code == 0, first.output
     assert (
-        "schema: applied version 4 (001_outbox.sql, 002_outbox_time_ordered_ids.sql, "
-        "003_relay_dead_letter.sql, 004_trace_context.sql)"
+        "schema: applied version 5 (001_outbox.sql, 002_outbox_time_ordered_ids.sql, "
+        "003_relay_dead_letter.sql, 004_trace_context.sql, "
+        "005_publish_cached_plan.sql)"
     ) in first.stdout
     again = cli("deploy", env={"WALSAGA_DSN": legacy_db})
     assert again.exit_code == 0, again.output
     assert again.stdout.splitlines() == [
-        "schema: version 4, up to date",
+        "schema: version 5, up to date",
         "nothing changed: the database already matches",
     ]
 
@@ -492,7 +493,7 @@ def test_deploy_reports_each_entry_and_reapplying_changes_nothing(
     before = catalog(legacy_db)
     again = deployed(legacy_db, spec)
     assert again.stdout.splitlines() == [
-        "schema: version 4, up to date",
+        "schema: version 5, up to date",
         "public.orders → OrderCreated on insert: unchanged",
         "public.orders → OrderApproved on update: unchanged",
         "public.orders → OrderDeleted on delete: unchanged",
@@ -572,7 +573,7 @@ def test_plan_prints_the_sql_and_changes_nothing(legacy_db: str, tmp_path: Path)
     assert "-- public.orders → OrderCreated on insert: would be installed" in out
     assert out.endswith("-- plan only: nothing was changed\n")
     # Every line that is not SQL is an SQL comment: the plan can be reviewed as a script.
-    assert "\n-- schema: would apply version 4" in out
+    assert "\n-- schema: would apply version 5" in out
 
     deployed(legacy_db, spec)
     changed = write_spec(tmp_path, SPEC.replace('"status"]', '"status", "note"]'))

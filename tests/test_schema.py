@@ -33,3 +33,35 @@ def test_publish_writes_an_outbox_row_in_the_callers_transaction(walsaga_db: str
         ).fetchall()
     assert event_id is not None
     assert stored == [("order", "42", "OrderCreated", {"total": 10}, {})]
+
+
+def test_publish_returns_the_id_of_the_row_it_wrote_whatever_the_search_path(
+    walsaga_db: str,
+) -> None:
+    # The function keeps its plan for the session: every call must still
+    # write its own arguments, and nothing may depend on the caller's
+    # search_path (a legacy service's role may have its own).
+    with psycopg.connect(walsaga_db) as conn:
+        conn.execute("SET search_path = pg_catalog")
+        ids = []
+        for n, payload, headers in [
+            (1, '{"total": 10.50}', '{"saga_id": "s-1"}'),
+            (2, None, None),
+            (3, "[1, 2]", "{}"),
+        ]:
+            row = conn.execute(
+                "SELECT walsaga.publish(%s, %s, %s, %s::jsonb, %s::jsonb)::text",
+                (f"topic-{n}", f"key-{n}", f"Type{n}", payload, headers),
+            ).fetchone()
+            assert row is not None
+            ids.append(row[0])
+        conn.commit()
+        stored = conn.execute(
+            "SELECT id::text, aggregatetype, aggregateid, type, payload, headers "
+            "FROM walsaga.outbox ORDER BY aggregatetype"
+        ).fetchall()
+    assert stored == [
+        (ids[0], "topic-1", "key-1", "Type1", {"total": 10.50}, {"saga_id": "s-1"}),
+        (ids[1], "topic-2", "key-2", "Type2", {}, {}),
+        (ids[2], "topic-3", "key-3", "Type3", [1, 2], {}),
+    ]
