@@ -250,7 +250,7 @@ class CommitTimes:
     is built only when asked for (CloudEvents' ``time``).
     """
 
-    __slots__ = ("_iso", "_micros", "_ms", "_seconds", "_text", "_whole")
+    __slots__ = ("_head", "_iso", "_micros", "_ms", "_seconds", "_text", "_whole", "_zone")
 
     def __init__(self) -> None:
         self._text: str | None = None
@@ -259,10 +259,25 @@ class CommitTimes:
         self._ms = 0
         self._iso: str | None = None
         self._seconds: dict[str, int] = {}  # 'YYYY-MM-DD HH:MM:SS±zone' -> epoch seconds
+        #: 'YYYY-MM-DD HH:MM:SS.' and the zone of the last timestamp: a next one
+        #: with both (the same second, most often) only needs its fraction read.
+        self._head: str | None = None
+        self._zone = ""
 
     def _parse(self, commit_time: str) -> None:
+        head = self._head
+        if head is not None and commit_time.startswith(head) and commit_time.endswith(self._zone):
+            digits = commit_time[20 : len(commit_time) - len(self._zone)]
+            if 0 < len(digits) <= 6 and digits.isdigit():
+                micros = int(digits) * _SCALE[len(digits)]
+                self._micros = micros
+                self._ms = self._whole * 1000 + micros // 1000
+                self._iso = None
+                self._text = commit_time
+                return
         # 'YYYY-MM-DD HH:MM:SS' (19 characters), an optional '.' and 1-6
         # digits, then the zone ('+00', '-03:30'). Anything else: the general parse.
+        self._head = None
         if commit_time[19:20] == ".":
             zone = commit_time.find("+", 20)
             if zone < 0:
@@ -284,6 +299,8 @@ class CommitTimes:
                     self._seconds.clear()
                 self._seconds[whole_text] = found
             whole = found
+            self._head = commit_time[:19] + "."
+            self._zone = commit_time[zone:]
         self._whole = whole
         self._micros = micros
         self._ms = whole * 1000 + micros // 1000
