@@ -13,13 +13,15 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_ROOT_USER_ACTION=ignore
 
 # The package and its dependencies, from this checkout (the wheel carries sql/
-# inside the relay package). .gitignore keeps build leftovers out of the wheel.
+# inside the walsaga package), with the extra the example services need
+# (`walsaga order-service`). .gitignore keeps build leftovers out of the wheel.
 WORKDIR /src
 COPY pyproject.toml README.md .gitignore ./
 COPY sql/ sql/
+COPY walsaga/ walsaga/
 COPY relay/ relay/
 COPY participants/ participants/
-RUN pip install . \
+RUN pip install ".[examples]" \
     && rm -rf /src
 
 COPY --chmod=0755 docker/healthcheck.py /usr/local/bin/walsaga-healthcheck

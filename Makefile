@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/capture_bench.py
 	$(PY) bench/relay_bench.py
 	$(PY) bench/relay_floor.py
+	$(PY) bench/publish_bench.py
 	$(PY) bench/saga_bench.py
 
 clean:

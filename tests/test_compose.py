@@ -41,6 +41,7 @@ from participants.declarative import ParticipantConfig, build, load_participant_
 from participants.examples import order_service, travel
 from relay.config import RelayConfig, load_relay_config
 from relay.slot import check_source
+from walsaga.cli import _COMMANDS as COMMANDS
 from walsaga.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -562,9 +563,22 @@ def test_the_walsaga_image_installs_this_checkout_and_runs_as_an_unprivileged_us
     ]
     for source in copied:
         assert (ROOT / source).exists(), f"Dockerfile copies {source}, which does not exist"
-    for needed in ("pyproject.toml", "README.md", "sql/", "relay/", "participants/"):
+    for needed in ("pyproject.toml", "README.md", "sql/", "walsaga/", "relay/", "participants/"):
         assert needed in copied, f"the image needs {needed} to install the package"
-    assert any(re.match(r"RUN pip install \.(\s|$)", line) for line in lines)
+    installs = [
+        m
+        for line in lines
+        if (m := re.match(r"""RUN pip install "?\.(\[([a-z,]+)\])?"?(\s|$)""", line))
+    ]
+    assert installs, "the image does not install this checkout"
+    extras = set((installs[0].group(2) or "").split(","))
+    # Every walsaga command compose runs finds its optional dependencies in the image.
+    for service in walsaga_services():
+        extra = COMMANDS[service.command[1]][1]
+        assert extra is None or extra in extras, (
+            f"{service.name} runs walsaga {service.command[1]}, which needs "
+            f"pip install '.[{extra}]' in the Dockerfile"
+        )
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users, "no USER: the processes would run as root"
     assert users[-1] not in ("root", "0")
