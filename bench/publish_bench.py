@@ -6,9 +6,9 @@ cluster and one session per variant, the backend's CPU time (read from
 /proc) and the client's wall time per call:
 
 1. ``walsaga.publish`` as installed (the schema's current version);
-2. the SQL-language function of core schema version 4 (0.1.0 to 0.2.0's
-   first builds), created beside it as the baseline: a SQL function whose
-   body writes is parsed and planned again on every call;
+2. the SQL-language function of core schema version 4, created beside it
+   from that migration's own text as the baseline: a SQL function whose body
+   writes is parsed and planned again on every call;
 3. the INSERT it performs, written out by the client (the floor).
 
 The variants take turns, round after round, each call with the arguments a
@@ -20,6 +20,7 @@ saga's command carries, ten calls per transaction.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -32,20 +33,15 @@ from psycopg.types.json import Jsonb
 from participants.examples.embedded import LocalPostgres
 from walsaga import schema
 
-#: Core schema version 4's walsaga.publish, under another name.
-SQL_LANGUAGE_PUBLISH = """
-CREATE FUNCTION walsaga_bench.publish_v4(
-    aggregatetype text, aggregateid text, type text, payload jsonb,
-    headers jsonb DEFAULT '{}'::jsonb
-) RETURNS uuid
-LANGUAGE sql
-AS $$
-    INSERT INTO walsaga.outbox (aggregatetype, aggregateid, type, payload, headers)
-    VALUES ($1, $2, $3, coalesce($4, '{}'::jsonb),
-            walsaga.trace_headers() || coalesce($5, '{}'::jsonb))
-    RETURNING id
-$$;
-"""
+
+def sql_language_publish() -> str:
+    """Core schema version 4's walsaga.publish, as its migration creates it, renamed."""
+    v4 = next(m for m in schema.migrations("core") if m.version == 4).sql
+    found = re.search(r"CREATE OR REPLACE FUNCTION walsaga\.publish\(.*?\$\$;", v4, re.S)
+    if found is None or "LANGUAGE sql" not in found.group(0):
+        raise SystemExit("core migration 4 no longer holds the SQL-language walsaga.publish")
+    return found.group(0).replace("walsaga.publish(", "walsaga_bench.publish_v4(", 1)
+
 
 VARIANTS = {
     "walsaga.publish (this release)": "SELECT walsaga.publish(%s, %s, %s, %s, %s)",
@@ -105,7 +101,7 @@ def main() -> None:
         with psycopg.connect(dsn) as conn:
             schema.apply(conn, "core")
             conn.execute("CREATE SCHEMA walsaga_bench")
-            conn.execute(SQL_LANGUAGE_PUBLISH)
+            conn.execute(sql_language_publish())
         sessions = {name: psycopg.connect(dsn) for name in VARIANTS}
         pids = {name: conn.info.backend_pid for name, conn in sessions.items()}
         for name, conn in sessions.items():  # warm up: prepared, plans cached
