@@ -315,6 +315,9 @@ def test_an_unreachable_broker_is_awaited_and_then_used(tmp_path: Path, walsaga_
         ids = write_events(walsaga_db, 100, aggregatetype=topic)
         with EmbeddedBroker(port=port) as late:
             relay.wait_streaming("orders", timeout_s=60)
+            # The topic exists once its first record is in: a consumer that
+            # subscribed before would be told it does not exist.
+            wait_until(lambda: relay.published("orders") >= 100, timeout_s=60)
             records = consume(late.bootstrap_servers, [topic], until=lambda r: len(r) >= 100)
             assert sorted(headers_of(m)["id"] for m in records) == sorted(ids)
             assert relay.terminate() == 0
