@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,10 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import relay_bench  # cpu_seconds
 
 from participants.examples.embedded import LocalPostgres
 from walsaga import schema
@@ -56,13 +61,6 @@ VARIANTS = {
 PER_TRANSACTION = 10
 
 
-def backend_cpu_s(pid: int) -> float:
-    """User + system CPU of a server process, from /proc (same machine)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = int(fields[11]) + int(fields[12])
-    return ticks / 100.0  # USER_HZ
-
-
 def run(conn: psycopg.Connection[Any], query: str, calls: int, pid: int) -> tuple[float, float]:
     """(server CPU, client wall) per call, in microseconds."""
     args = [
@@ -75,7 +73,7 @@ def run(conn: psycopg.Connection[Any], query: str, calls: int, pid: int) -> tupl
         )
         for i in range(calls)
     ]
-    cpu = backend_cpu_s(pid)
+    cpu = relay_bench.cpu_seconds(pid)
     started = time.perf_counter()
     for i, params in enumerate(args):
         conn.execute(query, params).fetchone()
@@ -83,7 +81,7 @@ def run(conn: psycopg.Connection[Any], query: str, calls: int, pid: int) -> tupl
             conn.commit()
     conn.commit()
     wall = time.perf_counter() - started
-    return (backend_cpu_s(pid) - cpu) / calls * 1e6, wall / calls * 1e6
+    return (relay_bench.cpu_seconds(pid) - cpu) / calls * 1e6, wall / calls * 1e6
 
 
 def main() -> None:

@@ -269,11 +269,7 @@ class CommitTimes:
         if head is not None and commit_time.startswith(head) and commit_time.endswith(self._zone):
             digits = commit_time[20 : len(commit_time) - len(self._zone)]
             if 0 < len(digits) <= 6 and digits.isdigit():
-                micros = int(digits) * _SCALE[len(digits)]
-                self._micros = micros
-                self._ms = self._whole * 1000 + micros // 1000
-                self._iso = None
-                self._text = commit_time
+                self._set(commit_time, self._whole, int(digits) * _SCALE[len(digits)])
                 return
         # 'YYYY-MM-DD HH:MM:SS' (19 characters), an optional '.' and 1-6
         # digits, then the zone ('+00', '-03:30'). Anything else: the general parse.
@@ -301,6 +297,9 @@ class CommitTimes:
             whole = found
             self._head = commit_time[:19] + "."
             self._zone = commit_time[zone:]
+        self._set(commit_time, whole, micros)
+
+    def _set(self, commit_time: str, whole: int, micros: int) -> None:
         self._whole = whole
         self._micros = micros
         self._ms = whole * 1000 + micros // 1000
