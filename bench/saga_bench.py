@@ -31,9 +31,10 @@ Phases:
 
     .venv/bin/python bench/saga_bench.py [--ramp 100 200 ...] [--seconds 15] [--latency-rate 100]
 
-The embedded broker answers a waiting fetch only when its wait ends, so a
-record that arrives during a fetch waits for the rest of the consumers'
-``fetch.wait.max.ms`` (20 by default; Apache Kafka answers at once):
+The embedded broker does not answer a waiting fetch when a record arrives
+(Apache Kafka does): it reads again after half the time left of the
+consumers' ``fetch.wait.max.ms`` (20 by default), then half of the rest, so a
+record waits about a sixth of that on average (``bench/fetch_wait.py``).
 ``--consumer-kafka fetch.wait.max.ms=5`` shows the hop without most of that
 wait, at the idle CPU of four times as many fetches.
 """
