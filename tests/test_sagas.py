@@ -9,8 +9,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from participants.orchestrator import saga_log, saga_status
+from participants.orchestrator import Orchestrator, saga_log, saga_status
+from participants.saga import Command, Saga, Step
 from tests.shop import running_shop
+from walsaga import schema
 
 
 @pytest.mark.parametrize("mode", ["choreography", "orchestration"])
@@ -49,3 +51,26 @@ def test_many_orders_at_once_never_over_commit_a_customer(
         approved = [i for i, s in statuses.items() if s == "APPROVED"]
         assert approved and len(approved) < len(ids), "some fit, some do not"
         shop.assert_consistent()
+
+
+def test_a_started_saga_logs_its_entries_in_order_with_their_details_intact(
+    walsaga_db: str,
+) -> None:
+    """The start writes its log entries in one statement: each keeps its kind,
+    its step (none for STARTED) and its detail, in the order they happened."""
+    take = Step("take", command=Command("vault-commands", "Take", "id"), reply_topic="vault",
+                success=("Taken",))  # fmt: skip
+    orchestrator = Orchestrator([Saga("guarded", (take,))])
+    data = {"id": "s-1", "note": "crème brûlée \u2603 \"quoted\"", "amount": 12.5,
+            "nested": {"list": [1, None, True], "empty": {}}}  # fmt: skip
+    with psycopg.connect(walsaga_db) as conn:
+        schema.apply(conn, "saga")
+        orchestrator.start(conn, "guarded", "s-1", data)
+        conn.commit()
+        log = saga_log(conn, "s-1")
+        assert [(kind, step) for kind, step, _ in log] == [("STARTED", None), ("COMMAND", "take")]
+        assert log[0][2] == {"data": data}
+        assert log[1][2]["type"] == "Take" and log[1][2]["topic"] == "vault-commands"
+        assert log[1][2]["attempt"] == 1 and log[1][2]["key"]
+        sent = conn.execute("SELECT type, payload FROM walsaga.outbox").fetchall()
+        assert sent == [("Take", data)]
