@@ -25,7 +25,8 @@ class CustomerDirectory:
             max_size=4,
             open=False,
             timeout=2.0,
-            kwargs={**KEEPALIVES, "options": "-c statement_timeout=2000"},
+            # One statement per look-up: no BEGIN and COMMIT round trips around it.
+            kwargs={**KEEPALIVES, "options": "-c statement_timeout=2000", "autocommit": True},
             name="customer-directory",
         )
 
