@@ -124,7 +124,13 @@ LocalAction = Callable[[Any, Data], "Data | None"]
 
 @dataclass(frozen=True)
 class Step:
-    """One step: a remote command or a local action, and its compensation."""
+    """One step: a remote command or a local action, and its compensation.
+
+    A step with neither is the change that started the saga (the order row
+    written in the transaction that calls ``Orchestrator.start``): done
+    before the saga's first transition, so nothing runs for it going
+    forward, and its compensation undoes it. Such steps come first.
+    """
 
     name: str
     command: Command | None = None
@@ -151,8 +157,13 @@ class Step:
     on_reply: Callable[[Data, Mapping[str, Any]], Data] | None = None
 
     def __post_init__(self) -> None:
-        if (self.command is None) == (self.action is None):
-            raise ValueError(f"step {self.name!r}: give exactly one of command and action")
+        if self.command is not None and self.action is not None:
+            raise ValueError(f"step {self.name!r}: give at most one of command and action")
+        if self.done_at_start and not self.compensable:
+            raise ValueError(
+                f"step {self.name!r}: give a command or an action (or, for the change "
+                "that started the saga, its compensation)"
+            )
         if self.command is not None and not self.success:
             raise ValueError(f"step {self.name!r}: a command step needs its success reply types")
         if self.command is not None and self.reply_topic is None:
@@ -165,6 +176,11 @@ class Step:
     @property
     def compensable(self) -> bool:
         return self.compensation is not None or self.compensate is not None
+
+    @property
+    def done_at_start(self) -> bool:
+        """The change that started the saga: nothing to run, only to undo."""
+        return self.command is None and self.action is None
 
 
 @dataclass(frozen=True)
@@ -184,6 +200,15 @@ class Saga:
             raise ValueError(f"saga {self.name!r}: step names must be unique")
         if not self.steps:
             raise ValueError(f"saga {self.name!r} has no steps")
+        first = next((i for i, s in enumerate(self.steps) if not s.done_at_start), None)
+        if first is None:
+            raise ValueError(f"saga {self.name!r}: no step has a command or an action")
+        late = [s.name for s in self.steps[first:] if s.done_at_start]
+        if late:
+            raise ValueError(
+                f"saga {self.name!r}: steps done at start (neither command nor action) come "
+                f"first; {', '.join(map(repr, late))} follow a step that runs"
+            )
 
     @property
     def reply_topics(self) -> list[str]:
@@ -445,6 +470,11 @@ def _enter_step(
         return dataclasses.replace(state, status=COMPLETED, step=index, deadline=None, attempt=0,
                                    step_started=None, waiting_on=None)  # fmt: skip
     step = definition.steps[index]
+    if step.done_at_start:  # done by the transaction that started the saga
+        effects.append(Log("LOCAL", step.name, {"outcome": "done at start"}))
+        return _enter_step(
+            definition, dataclasses.replace(state, completed=index + 1), index + 1, now, effects
+        )
     state = dataclasses.replace(
         state, step=index, attempt=1, refusals=0, step_started=None, waiting_on=None
     )

@@ -213,6 +213,8 @@ TestAckWindow.settings = settings(max_examples=200, stateful_step_count=40, dead
 # -- the saga state machine --------------------------------------------------------
 
 KINDS = ("remote", "remote+undo", "local", "local+undo")
+#: Steps done by the transaction that started the saga: only undone, and first.
+AT_START = ("at-start+undo", "at-start+remote-undo")
 
 
 def _noop(conn: Any, data: dict[str, Any]) -> None:
@@ -229,13 +231,16 @@ def build_step(index: int, kind: str, tries: int, undo_tries: int) -> Step:
             compensate=_noop if kind == "local+undo" else None,
             compensation_retry=undo_retry,
         )
-    undo = kind == "remote+undo"
+    at_start = kind.startswith("at-start")
+    if kind == "at-start+undo":
+        return Step(name, compensate=_noop, compensation_retry=undo_retry)
+    undo = kind in ("remote+undo", "at-start+remote-undo")
     return Step(
         name,
-        command=Command(f"{name}-commands", f"Do{name}", "key"),
+        command=None if at_start else Command(f"{name}-commands", f"Do{name}", "key"),
         reply_topic=f"{name}-replies",
-        success=(f"{name}Done",),
-        failure=(f"{name}Refused",),
+        success=() if at_start else (f"{name}Done",),
+        failure=() if at_start else (f"{name}Refused",),
         compensation=Command(f"{name}-commands", f"Undo{name}", "key") if undo else None,
         compensated=(f"{name}Undone",) if undo else (),
         compensation_failed=(f"{name}UndoRefused",) if undo else (),
@@ -245,15 +250,25 @@ def build_step(index: int, kind: str, tries: int, undo_tries: int) -> Step:
     )
 
 
-definitions = st.lists(
-    st.tuples(
-        st.sampled_from(KINDS),
-        st.integers(min_value=1, max_value=4),
-        st.integers(min_value=1, max_value=3),
+definitions = st.tuples(
+    st.lists(
+        st.tuples(st.sampled_from(AT_START), st.just(1), st.integers(min_value=1, max_value=3)),
+        max_size=2,
     ),
-    min_size=1,
-    max_size=5,
-).map(lambda specs: Saga("random", tuple(build_step(i, *spec) for i, spec in enumerate(specs))))
+    st.lists(
+        st.tuples(
+            st.sampled_from(KINDS),
+            st.integers(min_value=1, max_value=4),
+            st.integers(min_value=1, max_value=3),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+).map(
+    lambda parts: Saga(
+        "random", tuple(build_step(i, *spec) for i, spec in enumerate(parts[0] + parts[1]))
+    )
+)
 
 #: What a reply of each type suffix means to the step it names.
 REPLY_KINDS = {
@@ -296,6 +311,10 @@ class SagaMachine(RuleBasedStateMachine):
         self.do_order: list[int] = []  # commands and actions, resends collapsed
         self.last: tuple[str, int] = ("do", 0)
         self.local_pending = False
+        # Steps done at start took effect with the transaction that started the saga.
+        at_start = [i for i, s in enumerate(defn.steps) if s.done_at_start]
+        self.performed.extend(at_start)
+        self.do_order.extend(at_start)
         self.state, effects = saga.start(defn, "s1", {"key": "k"}, self.now)
         self._observe(effects)
 

@@ -213,9 +213,36 @@ def test_local_steps_run_in_the_orchestrator_and_feed_back() -> None:
     assert state.status == saga.COMPENSATED
 
 
+def test_the_change_that_started_the_saga_is_a_step_with_only_its_compensation() -> None:
+    undo = lambda c, d: None  # noqa: E731
+    defn = Saga("order", (Step("create", compensate=undo), remote("Credit", compensable=False)))
+    state, effects = saga.start(defn, "o1", {"key": "k"}, now=0)
+    assert not [e for e in effects if isinstance(e, RunLocal)], "nothing runs for it"
+    assert sent(effects) == ["DoCredit"] and logged(effects) == ["STARTED", "LOCAL"]
+    assert state.step == 1 and state.completed == 1
+    state, effects = saga.on_reply(defn, state, reply("CreditDone"), now=1)
+    assert state.status == saga.COMPLETED
+
+    # A refusal undoes it, with its compensation.
+    state, _ = saga.start(defn, "o2", {"key": "k"}, now=0)
+    state, effects = saga.on_reply(defn, state, reply("CreditRefused", reason="limit"), now=1)
+    local = [e for e in effects if isinstance(e, RunLocal)]
+    assert [(e.step, e.compensation, e.action) for e in local] == [("create", True, undo)]
+    state, effects = saga.on_local_result(defn, state, None, None, now=1)
+    assert state.status == saga.COMPENSATED
+
+
 def test_definitions_reject_ambiguous_steps() -> None:
-    with pytest.raises(ValueError, match="exactly one of command and action"):
+    with pytest.raises(ValueError, match="at most one of command and action"):
+        Step("x", command=Command("t", "C", "k"), reply_topic="r", success=("D",),
+             action=lambda c, d: None)  # fmt: skip
+    with pytest.raises(ValueError, match="give a command or an action"):
         Step("x")
+    done = Step("created", compensate=lambda c, d: None)
+    with pytest.raises(ValueError, match="'created' follow a step that runs"):
+        Saga("d", (remote("A"), done))
+    with pytest.raises(ValueError, match="no step has a command or an action"):
+        Saga("d", (done,))
     with pytest.raises(ValueError, match="success reply types"):
         Step("x", command=Command("t", "C", "k"), reply_topic="r")
     with pytest.raises(ValueError, match="unique"):

@@ -205,9 +205,9 @@ def create_order_saga(
         "create-order",
         give_up_after_s=give_up_after_s,
         steps=(
-            # The order row itself is written by create_order(); undoing it
-            # means rejecting it.
-            Step("create-order", action=lambda conn, data: None, compensate=_reject_order),
+            # The order row itself is written by create_order(), in the
+            # transaction that starts the saga; undoing it means rejecting it.
+            Step("create-order", compensate=_reject_order),
             Step(
                 "reserve-credit",
                 command=Command(CUSTOMER_COMMANDS, "ReserveCredit", "customer_id", _credit_request),

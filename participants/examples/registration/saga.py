@@ -84,7 +84,7 @@ def registration_saga(*, timeout_s: float = 30.0, name: str = NAME) -> Saga:
         steps=(
             # The registration was accepted by intake's transaction that
             # started the saga; undoing it announces the refusal.
-            Step("accept", action=lambda conn, data: None, compensate=_refuse),
+            Step("accept", compensate=_refuse),
             Step(
                 "create-user",
                 command=Command(IDENTITY_COMMANDS, CREATE_USER, "registration_id", _user),

@@ -260,8 +260,9 @@ def trip_saga(
         name,
         give_up_after_s=give_up_after_s,
         steps=(
-            # The trip row is written by book_trip(); undoing it means rejecting it.
-            Step("book-trip", action=lambda conn, data: None, compensate=_reject_trip),
+            # The trip row is written by book_trip(), in the transaction that
+            # starts the saga; undoing it means rejecting it.
+            Step("book-trip", compensate=_reject_trip),
             *(b.hold_step(timeout_s, retry) for b in BOOKINGS),
             *(b.confirm_step(timeout_s, retry) for b in BOOKINGS),
             Step("confirm-trip", action=_confirm_trip),
