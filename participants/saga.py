@@ -166,7 +166,7 @@ class Step:
             )
         if self.command is not None and not self.success:
             raise ValueError(f"step {self.name!r}: a command step needs its success reply types")
-        if self.command is not None and self.reply_topic is None:
+        if (self.command or self.compensation) is not None and self.reply_topic is None:
             raise ValueError(f"step {self.name!r}: a command step needs its reply_topic")
         if self.compensation is not None and self.compensate is not None:
             raise ValueError(f"step {self.name!r}: give at most one of compensation and compensate")

@@ -243,6 +243,8 @@ def test_definitions_reject_ambiguous_steps() -> None:
         Saga("d", (remote("A"), done))
     with pytest.raises(ValueError, match="no step has a command or an action"):
         Saga("d", (done,))
+    with pytest.raises(ValueError, match="needs its reply_topic"):  # where would it be answered?
+        Step("created", compensation=Command("t", "Undo", "k"), compensated=("Undone",))
     with pytest.raises(ValueError, match="success reply types"):
         Step("x", command=Command("t", "C", "k"), reply_topic="r")
     with pytest.raises(ValueError, match="unique"):
