@@ -132,6 +132,10 @@ def ensure_slot(conn: psycopg.Connection[Any], slot: str, logger: Any) -> int:
             f"'{since.isoformat(sep=' ', timespec='seconds')}'` (a margin before the last "
             "confirmation: a transaction may have started earlier than it committed)"
         )
+    # Creating a logical slot waits until every transaction in progress on the
+    # server (any database) has ended: a session left idle in a transaction
+    # holds the relay here, and this line says where it is.
+    logger.info("creating replication slot (waits for transactions in progress to end)")
     create_slot(conn, slot)
     logger.info("created replication slot")
     got = conn.execute(

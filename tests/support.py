@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,15 +28,22 @@ WALSAGA = str(Path(sys.executable).parent / "walsaga")
 
 
 def wait_until(
-    predicate: Any, *, timeout_s: float, interval_s: float = 0.05, what: str = ""
+    predicate: Any,
+    *,
+    timeout_s: float,
+    interval_s: float = 0.05,
+    what: str | Callable[[], str] = "",
 ) -> Any:
+    """Poll `predicate` until it holds; `what` (or a function giving it, called
+    only on timeout: a log read then, not when the wait began) names it."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what or predicate}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {said or predicate}")
         time.sleep(interval_s)
 
 
@@ -230,7 +237,7 @@ class RelayProcess:
         wait_until(
             lambda: self.state(source) == "streaming",
             timeout_s=timeout_s,
-            what=f"relay streaming {source}; log:\n{self.read_log()[-3000:]}",
+            what=lambda: f"relay streaming {source}; log:\n{self.read_log()[-3000:]}",
         )
 
     def read_log(self) -> str:
