@@ -16,6 +16,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,13 +45,27 @@ class PgServer:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         return self.dsn(name)
 
-    def drop_database(self, name: str) -> None:
+    def drop_database(self, name: str, *, timeout_s: float = 10.0) -> None:
+        """Drop `name` and its replication slots. A slot still in use (the
+        walsender of a relay just killed has yet to notice) has its walsender
+        ended first: a slot left behind keeps the database from being dropped
+        and its name from being used by the next test's relay."""
+        deadline = time.monotonic() + timeout_s
         with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
-            for (slot,) in conn.execute(
-                "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
-            ).fetchall():
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+            while True:
+                slots = conn.execute(
+                    "SELECT slot_name, active_pid FROM pg_replication_slots WHERE database = %s",
+                    (name,),
+                ).fetchall()
+                for slot, active_pid in slots:
+                    if active_pid is not None:
+                        conn.execute("SELECT pg_terminate_backend(%s)", (active_pid,))
+                        continue
+                    with contextlib.suppress(psycopg.errors.ObjectInUse):
+                        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+                if not slots or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
             conn.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
