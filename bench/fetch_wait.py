@@ -25,8 +25,8 @@ measures, with the participants' other consumer settings:
 from __future__ import annotations
 
 import argparse
+import os
 import random
-import resource
 import statistics
 import sys
 import threading
@@ -50,11 +50,6 @@ from relay.config import PRODUCER_DEFAULTS
 PARTITIONS = 4  # what a participant creates its topics with (topic_partitions)
 
 
-def own_cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def measure(
     servers: str, broker_pid: int | None, wait_ms: int, records: int, idle_s: float
 ) -> dict[str, float | None]:
@@ -71,14 +66,14 @@ def measure(
         time.sleep(1.0)  # the group settles
         # Idle: nothing produced; the consumer polls as a participant's does.
         broker_before = relay_bench.cpu_seconds(broker_pid) if broker_pid else 0.0
-        own_before, started = own_cpu_seconds(), time.monotonic()
+        own_before, started = relay_bench.cpu_seconds(os.getpid()), time.monotonic()
         while time.monotonic() - started < idle_s:
             consumer.poll(0.5)
         elapsed = time.monotonic() - started
         broker_idle = None
         if broker_pid:
             broker_idle = (relay_bench.cpu_seconds(broker_pid) - broker_before) / elapsed * 100
-        own_idle = (own_cpu_seconds() - own_before) / elapsed * 100
+        own_idle = (relay_bench.cpu_seconds(os.getpid()) - own_before) / elapsed * 100
 
         acked: dict[bytes, float] = {}
         delays: list[float] = []
