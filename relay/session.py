@@ -179,11 +179,14 @@ class Session:
                 ):
                     self._timers(now)
                 self._check_producer()
-                if not read:
+                if read < READ_BUDGET:
+                    # The socket is drained (a read stops short of its budget
+                    # only then): sleep until it has more, rather than turn
+                    # again to read nothing. Acknowledgements arrive through
+                    # poll(): while any are due, wake often; otherwise sleep
+                    # until the socket or a timer.
                     in_flight = len(producer)
                     self.metrics.in_flight.set(in_flight)
-                    # Acknowledgements arrive through poll(): while any are due,
-                    # wake often; otherwise sleep until the socket or a timer.
                     timeout = 0.001 if in_flight or len(window) else 0.05
                     selector.select(timeout)
             self._drain()
