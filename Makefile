@@ -34,6 +34,7 @@ bench: setup
 	$(PY) bench/relay_floor.py
 	$(PY) bench/publish_bench.py
 	$(PY) bench/fetch_wait.py
+	$(PY) bench/wake_floor.py
 	$(PY) bench/saga_bench.py
 
 clean:

@@ -13,7 +13,8 @@ embedded broker:
 2. latency: pgbench writes events at a steady rate while the relay runs
    (single-event transactions unless --events-per-txn says otherwise); the
    relay's own commit-to-ack percentiles are read from its /healthz after the
-   run. The commit time is wal2json's, taken before the commit's WAL flush, so
+   run, and its CPU per event over the phase (at a steady rate, the relay
+   wakes for nearly every event: compare with the throughput phase's). The commit time is wal2json's, taken before the commit's WAL flush, so
    the figures include the flush (fsync is on).
 3. memory: the relay's peak RSS (VmHWM) over the phases above, and then over
    one transaction of --big-txn events (0 skips it).
@@ -249,6 +250,7 @@ def main() -> None:
         per_txn = args.events_per_txn
         script.write_text(publish if per_txn == 1 else "BEGIN;\n" + publish * per_txn + "COMMIT;\n")
         before = metric(http_port, "walsaga_relay_events_published")
+        latency_cpu_at = cpu_seconds(relay.pid)
         out = subprocess.run(
             [str(postgres_bindir() / "pgbench"), "-n", "-c", str(args.clients), "-j", "2",
              "-R", str(args.rate / per_txn), "-T", str(args.seconds), "-f", str(script), dsn],
@@ -264,6 +266,7 @@ def main() -> None:
             time.sleep(0.05)
         time.sleep(0.5)
         latency_events = metric(http_port, "walsaga_relay_events_published") - before
+        latency_cpu_us = (cpu_seconds(relay.pid) - latency_cpu_at) / max(latency_events, 1) * 1e6
         lat = health(http_port)["sources"]["bench"]["commit_to_ack_ms"]
         rss = max(rss_phase1, peak_rss_mb(relay.pid))
 
@@ -306,6 +309,7 @@ def main() -> None:
         print(f"{'  events/s published':38}{latency_events / args.seconds:14,.0f}")
         print(f"{'  commit-to-ack p50 (ms)':38}{lat['p50']:14.2f}{'<= 5':>14}")
         print(f"{'  commit-to-ack p99 (ms)':38}{lat['p99']:14.2f}{'<= 20':>14}")
+        print(f"{'  relay CPU per event (us)':38}{latency_cpu_us:14.2f}")
         print(f"{'relay peak RSS, phases 1-2 (MB)':38}{rss:14.1f}{'< 200':>14}")
         if args.big_txn:
             label = f"relay peak RSS, {args.big_txn:,}-event txn (MB)"

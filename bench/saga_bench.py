@@ -20,11 +20,14 @@ Phases:
    stages from its /healthz (the relay: commit to sent by the walsender, sent
    to read, read to acknowledged; each participant: commit to received,
    received to its transaction's commit), beside the hop times read from the
-   databases; then each process's CPU with no saga under way (--idle-seconds),
-   the part of CPU per saga that shrinks as the rate grows;
+   databases; then each process's CPU and wake-ups with no saga under way
+   (--idle-seconds), the part of CPU per saga that shrinks as the rate grows;
 2. saga latency at a steady --latency-rate;
 3. a ramp of offered rates, up to the highest the system sustains (every saga
-   done, completions within 10% of the offer), with CPU per saga by process;
+   done, completions within 10% of the offer), with CPU and wake-ups per saga
+   by process (a wake-up is a voluntary context switch of any thread: at saga
+   rates each costs a process about as much as the work it wakes for,
+   ``bench/wake_floor.py``);
 4. overload at twice that rate: the order service turns orders away past its
    backlog bound (503 with Retry-After), the sagas it admitted finish, and no
    command is resent into the backlog.
@@ -112,20 +115,28 @@ def generator_process(port: int, rate: float, seconds: float, connections: int) 
     print(sent, refused)
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and its children so far (Postgres: every backend)."""
-    total = 0.0
+def usage(pid: int) -> tuple[float, int]:
+    """CPU time and wake-ups of a process and its children so far (Postgres:
+    every backend). A wake-up is a voluntary context switch of any of their
+    threads: each time one slept (on a socket, a lock, a timer) and ran again."""
+    cpu = 0.0
+    wakeups = 0
     tick = os.sysconf("SC_CLK_TCK")
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
             fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(proc.name) != pid and int(fields[1]) != pid:
+                continue
+            cpu += (int(fields[11]) + int(fields[12])) / tick
+            for task in (proc / "task").iterdir():
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        wakeups += int(line.split()[1])
         except OSError:
             continue
-        if int(proc.name) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    return cpu, wakeups
 
 
 def _has_option(command: str, option: str) -> bool:
@@ -311,7 +322,7 @@ def settle(system: System, since: Any, timeout_s: float = 180) -> None:
 
 def phase(system: System, label: str, rate: float, seconds: float) -> dict[str, Any]:
     pids = system.pids()
-    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    usage0 = {name: usage(pid) for name, pid in pids.items()}
     # The generator is the only child that ends during the phase: what it used
     # shows in this process's children's usage once it has been waited for.
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -321,7 +332,9 @@ def phase(system: System, label: str, rate: float, seconds: float) -> dict[str, 
     seen = generate(system, rate, seconds)
     settle(system, since)
     wall = time.monotonic() - wall0
-    cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+    usage1 = {name: usage(pid) for name, pid in pids.items()}
+    cpu = {name: usage1[name][0] - usage0[name][0] for name in pids}
+    wakeups = {name: usage1[name][1] - usage0[name][1] for name in pids}
     children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     generator_cpu = (children1.ru_utime + children1.ru_stime) - (
         children0.ru_utime + children0.ru_stime
@@ -354,11 +367,15 @@ def phase(system: System, label: str, rate: float, seconds: float) -> dict[str, 
         "cores": {name: c / wall for name, c in cpu.items()},
         "cpu_ms_per_saga": {name: c / max(1, len(done)) * 1000 for name, c in cpu.items()},
         "generator_cpu_ms_per_saga": generator_cpu / max(1, len(done)) * 1000,
+        "wakeups_per_saga": {name: w / max(1, len(done)) for name, w in wakeups.items()},
     }
     system_ms = sum(result["cpu_ms_per_saga"].values())
     print(f"  {label}: {len(done)} sagas, CPU per saga by process (ms): "
           + ", ".join(f"{k} {v:.2f}" for k, v in result["cpu_ms_per_saga"].items())
           + f"; system {system_ms:.2f}")  # fmt: skip
+    print("    wake-ups per saga by process: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in result["wakeups_per_saga"].items())
+          + f"; system {sum(result['wakeups_per_saga'].values()):.1f}")  # fmt: skip
     return result
 
 
@@ -366,14 +383,19 @@ def idle(system: System, seconds: float) -> dict[str, float]:
     """Each process's CPU with no saga under way, in % of a core: what every
     rate pays before its sagas (polling consumers, timers, the broker)."""
     pids = system.pids()
-    cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    usage0 = {name: usage(pid) for name, pid in pids.items()}
     wall0 = time.monotonic()
     time.sleep(seconds)
     wall = time.monotonic() - wall0
-    cores = {name: (cpu_seconds(pid) - cpu0[name]) / wall * 100 for name, pid in pids.items()}
+    usage1 = {name: usage(pid) for name, pid in pids.items()}
+    cores = {name: (usage1[name][0] - usage0[name][0]) / wall * 100 for name in pids}
+    wakeups = {name: (usage1[name][1] - usage0[name][1]) / wall for name in pids}
     print("idle, % of a core by process: "
           + ", ".join(f"{k} {v:.1f}" for k, v in cores.items())
           + f"; system {sum(cores.values()):.1f}")  # fmt: skip
+    print("idle, wake-ups per second by process: "
+          + ", ".join(f"{k} {v:.0f}" for k, v in wakeups.items())
+          + f"; system {sum(wakeups.values()):.0f}")  # fmt: skip
     return cores
 
 
@@ -501,6 +523,10 @@ def main() -> None:
                   + ", ".join(f"{k} {v:.2f}" for k, v in per.items())
                   + f"; the system's processes {sum(per.values()):.2f}; the load generator "
                   f"{generator_ms:.2f}")  # fmt: skip
+            wakes = best_result["wakeups_per_saga"]
+            print("wake-ups per saga at that rate: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in wakes.items())
+                  + f"; the system's processes {sum(wakes.values()):.1f}")  # fmt: skip
         print(
             "targets: one hop idle p50 <= 4 ms; at 100/s p50 <= 20 ms, p99 <= 60 ms; "
             ">= 600 sagas/s sustained; <= 1.5 ms CPU per saga"
