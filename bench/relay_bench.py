@@ -13,8 +13,9 @@ embedded broker:
 2. latency: pgbench writes events at a steady rate while the relay runs
    (single-event transactions unless --events-per-txn says otherwise); the
    relay's own commit-to-ack percentiles are read from its /healthz after the
-   run, and its CPU per event over the phase (at a steady rate, the relay
-   wakes for nearly every event: compare with the throughput phase's). The
+   run, and its CPU per event over the phase, and its walsender's (at a
+   steady rate, the relay wakes for nearly every event: compare with the
+   throughput phase's). The
    commit time is wal2json's, taken before the commit's WAL flush, so the
    figures include the flush (fsync is on).
 3. memory: the relay's peak RSS (VmHWM) over the phases above, and then over
@@ -40,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
 
@@ -108,6 +110,17 @@ def relay_config(
     )
 
 
+def relay_setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE of --relay-setting; the value read as TOML (numbers, booleans), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of process `pid` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -156,6 +169,14 @@ def main() -> None:
     ap.add_argument("--events-per-txn", type=int, default=1, help="in the latency phase")
     ap.add_argument("--big-txn", type=int, default=1_000_000, help="events in one transaction")
     ap.add_argument(
+        "--relay-setting",
+        type=relay_setting,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [relay] setting for every relay run, e.g. feedback_interval_s=0.1 (repeatable)",
+    )
+    ap.add_argument(
         "--presets",
         action="store_true",
         help="also relay the same WAL with each interoperability preset (cloudevents, debezium)",
@@ -197,7 +218,8 @@ def main() -> None:
         # The relay, on the other slot.
         http_port = free_port()
         config = base / "relay.toml"
-        relay_config(config, dsn, "bench_relay", broker.bootstrap_servers, http_port)
+        settings = dict(args.relay_setting)
+        relay_config(config, dsn, "bench_relay", broker.bootstrap_servers, http_port, **settings)
         relay = start_relay(config)
         t_active = slot_active_at(admin, "bench_relay")
         cpu_start = cpu_seconds(relay.pid)
@@ -215,7 +237,7 @@ def main() -> None:
             port = free_port()
             path = base / f"relay-{name}.toml"
             relay_config(path, dsn, f"bench_{name}", broker.bootstrap_servers, port,
-                         **PRESETS[name])  # fmt: skip
+                         **settings, **PRESETS[name])  # fmt: skip
             other = start_relay(path)
             try:
                 active = slot_active_at(admin, f"bench_{name}")
@@ -252,6 +274,10 @@ def main() -> None:
         script.write_text(publish if per_txn == 1 else "BEGIN;\n" + publish * per_txn + "COMMIT;\n")
         before = metric(http_port, "walsaga_relay_events_published")
         latency_cpu_at = cpu_seconds(relay.pid)
+        walsender = admin.execute(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'bench_relay'"
+        ).fetchone()[0]  # type: ignore[index]
+        walsender_cpu_at = cpu_seconds(walsender)
         out = subprocess.run(
             [str(postgres_bindir() / "pgbench"), "-n", "-c", str(args.clients), "-j", "2",
              "-R", str(args.rate / per_txn), "-T", str(args.seconds), "-f", str(script), dsn],
@@ -267,7 +293,9 @@ def main() -> None:
             time.sleep(0.05)
         time.sleep(0.5)
         latency_events = metric(http_port, "walsaga_relay_events_published") - before
-        latency_cpu_us = (cpu_seconds(relay.pid) - latency_cpu_at) / max(latency_events, 1) * 1e6
+        per_event = 1e6 / max(latency_events, 1)
+        latency_cpu_us = (cpu_seconds(relay.pid) - latency_cpu_at) * per_event
+        walsender_cpu_us = (cpu_seconds(walsender) - walsender_cpu_at) * per_event
         lat = health(http_port)["sources"]["bench"]["commit_to_ack_ms"]
         rss = max(rss_phase1, peak_rss_mb(relay.pid))
 
@@ -311,6 +339,7 @@ def main() -> None:
         print(f"{'  commit-to-ack p50 (ms)':38}{lat['p50']:14.2f}{'<= 5':>14}")
         print(f"{'  commit-to-ack p99 (ms)':38}{lat['p99']:14.2f}{'<= 20':>14}")
         print(f"{'  relay CPU per event (us)':38}{latency_cpu_us:14.2f}")
+        print(f"{'  its walsender CPU per event (us)':38}{walsender_cpu_us:14.2f}")
         print(f"{'relay peak RSS, phases 1-2 (MB)':38}{rss:14.1f}{'< 200':>14}")
         if args.big_txn:
             label = f"relay peak RSS, {args.big_txn:,}-event txn (MB)"
