@@ -194,6 +194,7 @@ def build(config: ParticipantConfig) -> Participant:
                 failure_type=h.failure_type,
                 failure_topic=h.failure_topic,
                 failure_event=h.failure_event,
+                transactional=True,
             )
         )
     for job in config.schedule:

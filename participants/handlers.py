@@ -2,7 +2,8 @@
 and ``publish`` (events leave only through the outbox).
 
 A handler is ``handler(ctx, message)``. It runs inside the participant's
-database transaction (under a savepoint of its own); raising
+database transaction (under a savepoint of its own unless its route says
+otherwise, :class:`Route`); raising
 :class:`~walsaga.errors.BusinessError` turns the message into a failure event,
 anything the runtime cannot classify is retried and finally dead-lettered.
 """
@@ -133,6 +134,15 @@ class Route:
     #: business failure undoes only its writes. Handlers that never fail for
     #: business reasons may skip it.
     savepoint: bool = True
+    #: The handler's only effects are its statements in the transaction (a
+    #: declared SQL handler's are): running it, rolling back and running it
+    #: again leaves no trace. In a batch of several records it then runs
+    #: without its savepoint; should a record fail, the batch is rolled back
+    #: and handled again with a savepoint for each record, and the next
+    #: batches take them from the start for a while. A Python handler that
+    #: does anything outside the transaction (calls, counters) must keep False:
+    #: then it runs once per delivery, failing or not.
+    transactional: bool = False
 
     def matches(self, message: Message) -> bool:
         return message.topic == self.topic and (self.type is None or self.type == message.type)

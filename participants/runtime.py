@@ -67,6 +67,13 @@ class ParticipantMetrics:
             ["participant"],
             registry=r,
         )
+        self.redone = Counter(
+            "walsaga_participant_batches_redone",
+            "Batches rolled back because a record failed without a savepoint of its own, "
+            "then handled again with one for each record",
+            ["participant"],
+            registry=r,
+        )
         self.batch_seconds = Histogram(
             "walsaga_participant_batch_seconds",
             "Time to handle and commit one batch",
@@ -129,6 +136,18 @@ class _RetryBatchError(Exception):
     """Roll the whole batch back and try again (after backoff)."""
 
 
+class _RedoCarefullyError(Exception):
+    """A record of a batch run without savepoints failed: roll the batch back
+    and handle it again at once, each record under a savepoint of its own."""
+
+
+#: After a batch had to be handled again with savepoints, this many batches
+#: take savepoints from the start: failures come in runs (a customer out of
+#: credit, a product out of stock), and redoing a batch costs more than its
+#: savepoints. Then batches go without them again.
+CAREFUL_BATCHES = 20
+
+
 class Participant:
     """A service's consumer: routes records to handlers, one transaction per batch."""
 
@@ -177,6 +196,9 @@ class Participant:
         self._attempts: dict[str, int] = {}
         self._local = threading.local()  # each worker thread's connection
         self._m_retries = self.metrics.retries.labels(name)
+        self._m_redone = self.metrics.redone.labels(name)
+        #: Batches still to take savepoints from the start (see CAREFUL_BATCHES).
+        self._careful_batches = 0
         self._m_batch = self.metrics.batch_seconds.labels(name)
         self.every(60.0, self._trim_inbox, name="inbox retention")
 
@@ -425,10 +447,17 @@ class Participant:
                     for message in messages:
                         self._handle_batch(conn, [message], isolated=True)
                 else:
+                    careful = len(messages) > 1 and self._careful_batches > 0
+                    if careful:
+                        self._careful_batches -= 1
                     try:
-                        self._handle_batch(conn, messages)
+                        self._handle_batch(conn, messages, careful=careful)
                     except _FailedAloneError as failed:
                         self._handle_batch(conn, messages, isolated=True, failure=failed.error)
+                    except _RedoCarefullyError:
+                        self._m_redone.inc()
+                        self._careful_batches = CAREFUL_BATCHES
+                        self._handle_batch(conn, messages, careful=True)
                 self._m_batch.observe(time.monotonic() - started)
                 return True
             except _RetryBatchError as e:
@@ -450,11 +479,14 @@ class Participant:
         messages: Sequence[Message],
         *,
         isolated: bool = False,
+        careful: bool = False,
         failure: Exception | None = None,
     ) -> None:
         """Handle `messages` in one transaction. `failure`: what the handler of the
         one record in `messages` raised in a transaction that was rolled back;
-        the handler is not run again, the failure is recorded."""
+        the handler is not run again, the failure is recorded. `careful`: each
+        record whose route asks for a savepoint gets one; otherwise a batch of
+        several records takes none, and a failure raises _RedoCarefullyError."""
         outcomes: list[Outcome] = []
         try:
             with conn.transaction():
@@ -477,14 +509,18 @@ class Participant:
                             set_trace(conn, None)
                             traced = False
                         outcomes.append(
-                            self._handle_one(conn, message, isolated, None, failure=failure)
+                            self._handle_one(
+                                conn, message, isolated, None, careful=careful, failure=failure
+                            )
                         )
                         continue
                     with self._hop(message, parent) as hop:
                         set_trace(conn, hop, cause=message.id)
                         traced = True
                         outcomes.append(
-                            self._handle_one(conn, message, isolated, hop, failure=failure)
+                            self._handle_one(
+                                conn, message, isolated, hop, careful=careful, failure=failure
+                            )
                         )
         except psycopg.Error as e:
             commit.rolled_back(conn)
@@ -565,6 +601,7 @@ class Participant:
         trace: tracing.TraceContext | None,
         *,
         lone: bool = False,
+        careful: bool = False,
         failure: Exception | None = None,
     ) -> Outcome:
         route = self.route_for(message)
@@ -603,9 +640,21 @@ class Participant:
                     if verdict.outcome is Outcome.RETRY:
                         return self._failed(conn, route, message, e)  # rolls back, backs off
                     raise _FailedAloneError(e) from e
-            elif route.savepoint or isolated:
+            elif isolated or (route.savepoint and (careful or not route.transactional)):
                 with conn.transaction():
                     route.handler(ctx, message)
+            elif route.savepoint:
+                # One record of several, none has failed lately, and running
+                # the handler again leaves no trace: no savepoint (two round
+                # trips a record). Should it fail, the batch is rolled back and
+                # handled again with a savepoint for each record, where the
+                # failure is recorded as usual.
+                try:
+                    route.handler(ctx, message)
+                except Exception as e:
+                    if isinstance(e, psycopg.Error) and conn.broken:
+                        raise
+                    raise _RedoCarefullyError(f"{message.describe()}: {e}") from e
             else:
                 # No business failure expected: an error rolls the batch back
                 # and the records are retried one transaction each.
@@ -614,7 +663,7 @@ class Participant:
                 except psycopg.Error as e:
                     raise _RetryBatchError(f"{message.describe()}: {e}") from e
             return Outcome.HANDLED
-        except (_RetryBatchError, _FailedAloneError):
+        except (_RetryBatchError, _FailedAloneError, _RedoCarefullyError):
             raise
         except Exception as e:
             if isinstance(e, psycopg.Error) and conn.broken:

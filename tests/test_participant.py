@@ -14,8 +14,10 @@ from typing import Any
 import psycopg
 import pytest
 from confluent_kafka import OFFSET_INVALID, Consumer, Producer, TopicPartition
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from participants import declarative
+from participants import declarative, runtime
 from participants.declarative import SqlHandler, _placeholders
 from participants.handlers import HandlerContext
 from participants.message import Message
@@ -320,3 +322,111 @@ def test_sql_parameters_leave_casts_and_percent_signs_alone() -> None:
     )
     handler = SqlHandler("CALL f(:message.id, :n)")
     assert handler.parameters == ["message.id", "n"]
+
+
+def booking_participant(ledger: str, broker: str) -> Participant:
+    """The declared SQL handler of the ledger: ``CALL book(:entry, :amount)``, refusals
+    (a negative amount) published as BookingRefused."""
+    config = declarative.ParticipantConfig.model_validate(
+        {
+            "participant": {"name": f"p-{topic()}", "dsn": ledger},
+            "kafka": {"bootstrap.servers": broker},
+            "handler": [
+                {"topic": "bookings", "type": "Book", "sql": "CALL book(:entry, :amount)",
+                 "failure_type": "BookingRefused", "failure_topic": "refusals"},
+            ],
+        }
+    )  # fmt: skip
+    return declarative.build(config)
+
+
+def bookings(entries: Sequence[tuple[str, int]]) -> list[Message]:
+    """Records of a batch, as the consumer hands them over."""
+    return [
+        Message(
+            topic="bookings",
+            partition=0,
+            offset=offset,
+            key=entry,
+            value=json.dumps({"entry": entry, "amount": amount}).encode(),
+            headers={"id": str(uuid.uuid4()), "type": "Book"},
+        )
+        for offset, (entry, amount) in enumerate(entries)
+    ]
+
+
+def redone(participant: Participant) -> float:
+    value = participant.metrics.registry.get_sample_value(
+        "walsaga_participant_batches_redone_total", {"participant": participant.name}
+    )
+    return value or 0.0
+
+
+def booked(ledger: str) -> list[str]:
+    return sorted(r[0] for r in rows(ledger, "SELECT entry FROM ledger"))
+
+
+def refused(ledger: str) -> list[str]:
+    return sorted(key for _, key, _, _ in outbox(ledger, "refusals"))
+
+
+def test_a_batch_of_declared_handlers_runs_without_savepoints_until_a_record_fails(
+    ledger: str, broker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime, "CAREFUL_BATCHES", 2)
+    participant = booking_participant(ledger, broker)
+
+    assert participant.handle(bookings([("a1", 1), ("a2", 2), ("a3", 3)]))
+    assert booked(ledger) == ["a1", "a2", "a3"]
+    assert redone(participant) == 0
+
+    # A refusal in the middle: the batch is rolled back and handled again, each
+    # record under a savepoint; the others land once, the refusal is published.
+    assert participant.handle(bookings([("b1", 1), ("b2", -1), ("b3", 3)]))
+    assert booked(ledger) == ["a1", "a2", "a3", "b1", "b3"]
+    assert refused(ledger) == ["b2"]
+    assert redone(participant) == 1
+
+    # The next two batches take savepoints from the start: a refusal costs no redo.
+    assert participant.handle(bookings([("c1", -1), ("c2", 2)]))
+    assert participant.handle(bookings([("d1", 1), ("d2", 2)]))
+    assert redone(participant) == 1
+    assert refused(ledger) == ["b2", "c1"]
+
+    # Then batches go without savepoints again.
+    assert participant.handle(bookings([("e1", 1), ("e2", -2)]))
+    assert redone(participant) == 2
+    assert booked(ledger) == ["a1", "a2", "a3", "b1", "b3", "c2", "d1", "d2", "e1"]
+    assert refused(ledger) == ["b2", "c1", "e2"]
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    batches=st.lists(st.lists(st.integers(min_value=-2, max_value=3), max_size=6), max_size=6),
+    careful_batches=st.integers(min_value=0, max_value=3),
+)
+def test_however_batches_fail_each_record_lands_or_is_refused_once(
+    ledger: str, broker: str, batches: list[list[int]], careful_batches: int
+) -> None:
+    """Declared handlers, batches of any mix of bookings and refusals (a negative
+    amount): every booking lands once, every refusal is published once."""
+    run = uuid.uuid4().hex[:6]
+    participant = booking_participant(ledger, broker)
+    original = runtime.CAREFUL_BATCHES
+    runtime.CAREFUL_BATCHES = careful_batches
+    try:
+        expected_booked, expected_refused = [], []
+        for b, amounts in enumerate(batches):
+            entries = [(f"{run}-{b}-{i}", amount) for i, amount in enumerate(amounts)]
+            if entries:
+                assert participant.handle(bookings(entries))
+            expected_booked += [e for e, amount in entries if amount >= 0]
+            expected_refused += [e for e, amount in entries if amount < 0]
+    finally:
+        runtime.CAREFUL_BATCHES = original
+    assert [e for e in booked(ledger) if e.startswith(run)] == sorted(expected_booked)
+    assert [e for e in refused(ledger) if e.startswith(run)] == sorted(expected_refused)
