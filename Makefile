@@ -35,6 +35,7 @@ bench: setup
 	$(PY) bench/publish_bench.py
 	$(PY) bench/fetch_wait.py
 	$(PY) bench/wake_floor.py
+	$(PY) bench/batch_bench.py
 	$(PY) bench/saga_bench.py
 
 clean:
