@@ -207,6 +207,20 @@ def test_a_batch_of_registrations_ends_every_way_and_is_told_apart_by_its_reason
     assert demo_registrations.tracker_status(result("PENDING")) == "RUNNING"
 
 
+def test_ports_for_servers_avoid_the_range_outgoing_connections_take_theirs_from() -> None:
+    # A port of the ephemeral range, free when chosen, can become an outgoing
+    # connection's source port before the server binds it ("address already
+    # in use" when the demo's console started last). Chosen ports stay out of
+    # it, are not handed out twice, and are free to bind.
+    low, high = (int(n) for n in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [embedded.free_port() for _ in range(300)]
+    assert not [p for p in ports if low <= p <= high]
+    assert len(set(ports)) == len(ports)
+    for port in ports[:20]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
 def test_a_cluster_whose_chosen_port_is_taken_meanwhile_starts_on_another(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -28,8 +29,50 @@ from walsaga.errors import SetupError
 _UNPRIVILEGED_USER = "postgres"
 
 
+#: Ports handed out by free_port() come from here when the kernel's ephemeral range leaves room.
+_LISTEN_PORTS = (10_000, 65_536)
+#: What free_port() has handed out in this process: not handed out twice.
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    """The kernel's range of source ports for outgoing connections (inclusive)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now.
+
+    Chosen at random outside the kernel's ephemeral range when it can be: a
+    port from that range may be given to an outgoing connection as its source
+    port between now and the moment a server binds it (a database or Kafka
+    client connecting meanwhile), and the server then fails with "address
+    already in use". Never the same port twice in one process.
+    """
+    low, high = _ephemeral_ports()
+    first, end = _LISTEN_PORTS
+    spans = [(a, b) for a, b in ((first, min(low, end)), (max(high + 1, first), end)) if b - a > 0]
+    size = sum(b - a for a, b in spans)
+    for _ in range(100 if size >= 1000 else 0):
+        n = random.randrange(size)
+        for a, b in spans:
+            if n < b - a:
+                port = a + n
+                break
+            n -= b - a
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
