@@ -1,12 +1,14 @@
-"""What a participant's batch costs per record: a declared SQL handler, client and backend CPU.
+"""What a participant's batch costs per record: the customer service's declared handler.
 
-On its own durable Postgres cluster, a declared participant (``CALL book(:entry,
-:amount)``, a refusal for a negative amount) is handed batches of records the
-way its consumer hands them over (no broker: the figures are the handling's
-alone), each record with a trace context as the relay's events carry. Every
---refuse-every-th record is refused (0: none). Prints, per record, the
-participant's CPU (its thread), its backend's CPU and the wall time, and how
-many batches were handled again after a record failed without its savepoint.
+On its own durable Postgres cluster with the customer service's schema, capture
+and 1,000 customers (``participants/examples/customers``), the service's
+declared participant is handed batches of ``ReserveCredit`` commands the way
+its consumer hands them over (no broker: the figures are the handling's
+alone), each with a trace context as the relay's events carry. Every
+--refuse-every-th command names a customer that does not exist, which the
+procedure refuses (0: none). Prints, per record, the participant's CPU (its
+thread), its backend's CPU and the wall time, and how many batches were
+handled again after a record failed without its savepoint.
 
 With builds (``NAME=CHECKOUT``, a checkout with its own ``.venv``), each round
 runs every build in turn over the same database, in alternating order:
@@ -30,16 +32,8 @@ import psycopg
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
-LEDGER = """
-CREATE TABLE ledger (entry text PRIMARY KEY, amount numeric NOT NULL);
-CREATE PROCEDURE book(p_entry text, p_amount numeric) LANGUAGE plpgsql AS $$
-BEGIN
-    IF p_amount < 0 THEN
-        RAISE EXCEPTION 'negative amount %', p_amount USING ERRCODE = 'WS010';
-    END IF;
-    INSERT INTO ledger VALUES (p_entry, p_amount);
-END $$;
-"""
+#: Customers the commands spread over, each with credit enough for every run.
+CUSTOMERS = 1000
 
 
 def measure(dsn: str, size: int, batches: int, refuse_every: int) -> dict[str, float]:
@@ -47,6 +41,7 @@ def measure(dsn: str, size: int, batches: int, refuse_every: int) -> dict[str, f
     import structlog
 
     from participants import declarative
+    from participants.examples import customers
     from participants.message import Message
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -54,33 +49,25 @@ def measure(dsn: str, size: int, batches: int, refuse_every: int) -> dict[str, f
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     name = f"bench-{uuid.uuid4().hex[:6]}"
-    config = declarative.ParticipantConfig.model_validate(
-        {
-            "participant": {"name": name, "dsn": dsn},
-            "kafka": {"bootstrap.servers": "127.0.0.1:9"},  # never contacted
-            "handler": [
-                {"topic": "bookings", "type": "Book", "sql": "CALL book(:entry, :amount)",
-                 "failure_type": "BookingRefused", "failure_topic": "refusals"},
-            ],
-        }
-    )  # fmt: skip
-    participant = declarative.build(config)
+    # The broker is never contacted: handle() is given the records directly.
+    participant = declarative.build(customers.config(dsn, "127.0.0.1:9", name=name))
 
     def batch(b: int) -> list[Message]:
         records = []
         for i in range(size):
             n = b * size + i
             refused = refuse_every and n % refuse_every == 0
-            value = {"entry": f"{name}-{b}-{i}", "amount": -1 if refused else 1}
-            headers = {"id": str(uuid.uuid4()), "type": "Book", "traceparent": TRACEPARENT}
+            customer = "nobody" if refused else f"c{n % CUSTOMERS}"
+            value = {"customer_id": customer, "order_id": f"{name}-{n}", "total": 1}
             message = Message(
-                topic="bookings",
+                topic="customer-commands",
                 partition=0,
                 offset=n,
-                key=value["entry"],
+                key=value["order_id"],
                 value=json.dumps(value).encode(),
-                headers=headers,
-            )
+                headers={"id": str(uuid.uuid4()), "type": "ReserveCredit",
+                         "traceparent": TRACEPARENT},
+            )  # fmt: skip
             records.append(message)
         return records
 
@@ -125,8 +112,8 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.size, args.batches, args.refuse_every)))
         return
 
+    from participants.examples import customers
     from participants.examples.embedded import LocalPostgres
-    from walsaga import schema
 
     builds = args.builds or [("this", Path(__file__).resolve().parent.parent)]
     refusing = f"every {args.refuse_every}th" if args.refuse_every else "none"
@@ -136,10 +123,9 @@ def main() -> None:
         tempfile.TemporaryDirectory(prefix="walsaga-batch-", dir="/tmp") as base,
         LocalPostgres(Path(base), durable=True) as pg,
     ):
-        dsn = pg.create_database("ledger")
+        dsn = pg.create_database("customers")
         with psycopg.connect(dsn) as conn:
-            schema.apply(conn, "core")
-            conn.execute(LEDGER)
+            customers.install(conn, {f"c{i}": 1e9 for i in range(CUSTOMERS)})
         for r in range(args.rounds):
             for name, checkout in builds if r % 2 == 0 else builds[::-1]:
                 out = subprocess.run(
