@@ -13,11 +13,10 @@ embedded broker:
 2. latency: pgbench writes events at a steady rate while the relay runs
    (single-event transactions unless --events-per-txn says otherwise); the
    relay's own commit-to-ack percentiles are read from its /healthz after the
-   run, and its CPU per event over the phase, and its walsender's (at a
-   steady rate, the relay wakes for nearly every event: compare with the
-   throughput phase's). The
-   commit time is wal2json's, taken before the commit's WAL flush, so the
-   figures include the flush (fsync is on).
+   run, with its CPU per event over the phase and its walsender's (at a
+   steady rate the relay wakes for nearly every event: compare with the
+   throughput phase's). The commit time is wal2json's, taken before the
+   commit's WAL flush, so the figures include the flush (fsync is on).
 3. memory: the relay's peak RSS (VmHWM) over the phases above, and then over
    one transaction of --big-txn events (0 skips it).
 

@@ -29,19 +29,18 @@ from walsaga.errors import SetupError
 _UNPRIVILEGED_USER = "postgres"
 
 
-#: Ports handed out by free_port() come from here when the kernel's ephemeral range leaves room.
-_LISTEN_PORTS = (10_000, 65_536)
 #: What free_port() has handed out in this process: not handed out twice.
 _handed_out: set[int] = set()
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    """The kernel's range of source ports for outgoing connections (inclusive)."""
+def _listen_ports() -> range:
+    """Ports for servers: below the kernel's ephemeral range (the source ports of
+    outgoing connections), or above it when there is no room below."""
     try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
     except (OSError, ValueError):
-        return 32_768, 60_999  # Linux's default
+        low, high = 32_768, 60_999  # Linux's default
+    return range(10_000, low) if low - 10_000 >= 1000 else range(high + 1, 65_536)
 
 
 def free_port() -> int:
@@ -51,19 +50,11 @@ def free_port() -> int:
     port from that range may be given to an outgoing connection as its source
     port between now and the moment a server binds it (a database or Kafka
     client connecting meanwhile), and the server then fails with "address
-    already in use". Never the same port twice in one process.
+    already in use". Not the same port twice in one process.
     """
-    low, high = _ephemeral_ports()
-    first, end = _LISTEN_PORTS
-    spans = [(a, b) for a, b in ((first, min(low, end)), (max(high + 1, first), end)) if b - a > 0]
-    size = sum(b - a for a, b in spans)
-    for _ in range(100 if size >= 1000 else 0):
-        n = random.randrange(size)
-        for a, b in spans:
-            if n < b - a:
-                port = a + n
-                break
-            n -= b - a
+    ports = _listen_ports()
+    for _ in range(100 if len(ports) >= 1000 else 0):
+        port = random.choice(ports)
         if port in _handed_out:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
